@@ -1,0 +1,200 @@
+"""Source assets: CRM contacts and ESP members pulled by time window over OAuth, the
+first-load snapshot, and the stream events landed by the ingest service."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from personalization_pipeline import settings
+from personalization_pipeline.core.events import envelopes_to_canonical, read_landing_file
+from personalization_pipeline.core.push import load_field_mapping
+from personalization_pipeline.core.sources import (
+    crm_contacts_to_canonical,
+    drop_unchanged_versions,
+    esp_members_to_canonical,
+)
+from personalization_pipeline.partitions import source_partitions
+from personalization_pipeline.resources.hubspot import HubSpotResource
+from personalization_pipeline.resources.http import VendorError
+from personalization_pipeline.resources.lake import Lake, LakeResource
+from personalization_pipeline.resources.mailchimp import MailchimpResource
+from personalization_pipeline.resources.runtime import RuntimeResource
+from personalization_pipeline.resources.shop import ShopResource
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+PULL_RETRY = dg.RetryPolicy(
+    max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
+)
+
+
+def _echo_tags() -> tuple[str, ...]:
+    return load_field_mapping(settings.CONFIG_DIR / "esp_field_mapping.yaml").tags
+
+
+def _window(context: dg.AssetExecutionContext, runtime: RuntimeResource) -> tuple[datetime, datetime, datetime]:
+    now = runtime.clock().now()
+    window = context.partition_time_window
+    end = min(window.end, now - pd.Timedelta(seconds=runtime.lag_seconds).to_pytimedelta())
+    return window.start, end, now
+
+
+def _stage(lake: Lake, source: str, batch: str, frame: pd.DataFrame) -> dict[str, int]:
+    before = len(frame)
+    frame = drop_unchanged_versions(frame, lake.read_staged(source))
+    counts = lake.write_staged(source, batch, frame)
+    return {"rows_unchanged": before - len(frame), **counts}
+
+
+def _vendor_failure(exc: VendorError) -> dg.Failure:
+    # The message is already safe for the UI (no credentials); no retries on config errors.
+    return dg.Failure(description=str(exc), allow_retries=exc.status is None or exc.status >= 429)
+
+
+@dg.asset(
+    partitions_def=source_partitions,
+    group_name="sources",
+    kinds={"hubspot", "parquet"},
+    retry_policy=PULL_RETRY,
+)
+def crm_contacts(
+    context: dg.AssetExecutionContext, hubspot: HubSpotResource, lake: LakeResource, runtime: RuntimeResource
+) -> dg.MaterializeResult:
+    """HubSpot contacts whose `lastmodifieddate` falls in the partition's hour, staged as
+    canonical rows (one per contact version; re-running never doubles a version). The
+    hour in progress is filled up to now minus the configured lag."""
+    start, end, now = _window(context, runtime)
+    client = hubspot.get_client(runtime.clock())
+    records: list[dict] = []
+    if end > start:
+        try:
+            for page in client.contacts_modified(start, end, tuple(hubspot.properties)):
+                records.extend(page)
+        except VendorError as exc:
+            raise _vendor_failure(exc) from None
+    counts = _stage(lake.get_lake(), "crm", context.partition_key, crm_contacts_to_canonical(records, now))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": counts["rows_total"],
+            "rows_pulled": len(records),
+            **counts,
+            **client.stats.as_metadata(),
+            "window_start": start.isoformat(),
+            "window_end": max(start, end).isoformat(),
+            "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=source_partitions,
+    group_name="sources",
+    kinds={"mailchimp", "parquet"},
+    retry_policy=PULL_RETRY,
+)
+def esp_members(
+    context: dg.AssetExecutionContext, mailchimp: MailchimpResource, lake: LakeResource, runtime: RuntimeResource
+) -> dg.MaterializeResult:
+    """Mailchimp audience members whose `last_changed` falls in the partition's hour, staged
+    as canonical rows. Merge fields the push writes are not read back (the echo)."""
+    start, end, now = _window(context, runtime)
+    client = mailchimp.get_client(runtime.clock())
+    members: list[dict] = []
+    if end > start:
+        try:
+            for page in client.members_changed(mailchimp.list_id, start, end):
+                members.extend(page)
+        except VendorError as exc:
+            raise _vendor_failure(exc) from None
+    frame = esp_members_to_canonical(members, now, _echo_tags())
+    counts = _stage(lake.get_lake(), "esp", context.partition_key, frame)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": counts["rows_total"],
+            "rows_pulled": len(members),
+            **counts,
+            **client.stats.as_metadata(),
+            "window_start": start.isoformat(),
+            "window_end": max(start, end).isoformat(),
+            "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+        }
+    )
+
+
+@dg.asset(group_name="sources", kinds={"hubspot", "mailchimp", "parquet"}, retry_policy=PULL_RETRY)
+def source_snapshot(
+    hubspot: HubSpotResource, mailchimp: MailchimpResource, lake: LakeResource, runtime: RuntimeResource
+) -> dg.MaterializeResult:
+    """First load of an existing CRM and ESP: every contact and member last changed before
+    the first partition, so history is not thousands of partitions. Re-running it adds
+    nothing twice."""
+    now = runtime.clock().now()
+    until = source_partitions.start
+    hub, chimp = hubspot.get_client(runtime.clock()), mailchimp.get_client(runtime.clock())
+    try:
+        contacts = [r for page in hub.contacts_modified(EPOCH, until, tuple(hubspot.properties)) for r in page]
+        members = [m for page in chimp.members_changed(mailchimp.list_id, EPOCH, until) for m in page]
+    except VendorError as exc:
+        raise _vendor_failure(exc) from None
+    target = lake.get_lake()
+    crm = _stage(target, "crm", "snapshot", crm_contacts_to_canonical(contacts, now))
+    esp = _stage(target, "esp", "snapshot", esp_members_to_canonical(members, now, _echo_tags()))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": crm["rows_total"] + esp["rows_total"],
+            "crm_contacts": crm["rows_total"],
+            "esp_members": esp["rows_total"],
+            "snapshot_until": until.isoformat(),
+            "api_calls": hub.stats.api_calls + chimp.stats.api_calls,
+            "http_429": hub.stats.http_429 + chimp.stats.http_429,
+        }
+    )
+
+
+class StreamBatch(dg.Config):
+    files: list[str] = []
+    """Published landing files to stage; empty means every published file not yet staged."""
+
+
+def unstaged_landing_files(lake: Lake, landing_root: Path) -> list[str]:
+    ready = landing_root / "ready"
+    files = sorted(str(p) for p in ready.rglob("*.jsonl")) if ready.exists() else []
+    return [f for f in files if not lake.staged_path("stream", Path(f).stem).exists()]
+
+
+@dg.asset(group_name="sources", kinds={"webhook", "parquet"})
+def stream_events(
+    context: dg.AssetExecutionContext, config: StreamBatch, lake: LakeResource, shop: ShopResource
+) -> dg.MaterializeResult:
+    """Commerce webhooks and web track events from published landing files, as canonical
+    event rows. Each landing file is its own batch, so re-running a file rewrites the same
+    rows; what cannot be parsed is quarantined with the reason, never dropped."""
+    target = lake.get_lake()
+    files = config.files or unstaged_landing_files(target, settings.landing_dir())
+    catalogue = shop.catalogue() if files else {}
+    rows = rejected = 0
+    by_source: dict[str, int] = {}
+    for name in files:
+        path = Path(name)
+        if not path.exists():
+            raise dg.Failure(description=f"landing file {path} does not exist (moved by retention?)")
+        envelopes, torn = read_landing_file(path)
+        frame, rejects = envelopes_to_canonical(envelopes, catalogue)
+        rejects = [*torn, *rejects]
+        target.write_staged("stream", path.stem, frame)
+        rejected += target.write_quarantine("stream", path.stem, rejects)
+        rows += len(frame)
+        for source, count in frame["source"].value_counts().items():
+            by_source[str(source)] = by_source.get(str(source), 0) + int(count)
+    context.log.info(f"staged {rows} events from {len(files)} landing files; {rejected} quarantined")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "landing_files": len(files),
+            "rows_quarantined": rejected,
+            **{f"rows_{k}": v for k, v in sorted(by_source.items())},
+        }
+    )

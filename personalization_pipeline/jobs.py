@@ -1,0 +1,38 @@
+"""Jobs the schedules and sensors launch. All run in-process: a step per process would
+cost seconds per run on a minute-scale cadence (PLATFORM-NOTES.md)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+PROFILE_ASSETS = ["identity_map", "identity_conflicts", "resolved_profiles", "profile_attribute_provenance"]
+
+# Runs that write the profile tables or the push ledger carry this tag; the run queue
+# lets one such run go at a time (dagster.yaml: tag_concurrency_limits).
+PROFILE_WRITER_TAG = {"pp/writes-profiles": "true"}
+
+source_pull_job = dg.define_asset_job(
+    "source_pull_job",
+    selection=["crm_contacts", "esp_members"],
+    description="Pull the CRM and the ESP for one hourly window.",
+)
+
+snapshot_job = dg.define_asset_job(
+    "snapshot_job",
+    selection=["source_snapshot"],
+    description="First load of the existing CRM and ESP (everything before the first partition).",
+)
+
+profile_job = dg.define_asset_job(
+    "profile_job",
+    selection=[*PROFILE_ASSETS, "esp_attribute_sync"],
+    description="Resolve identities, rebuild profiles and push what changed to the ESP.",
+    tags=PROFILE_WRITER_TAG,
+)
+
+stream_job = dg.define_asset_job(
+    "stream_job",
+    selection=["stream_events", *PROFILE_ASSETS, "esp_attribute_sync"],
+    description="New landing files -> staged events -> profiles -> push, in one run.",
+    tags=PROFILE_WRITER_TAG,
+)

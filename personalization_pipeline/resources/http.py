@@ -1,0 +1,184 @@
+"""The retrying request loop shared by the vendor clients.
+
+429 honours Retry-After (and pushes the shared bucket back, so other processes wait too);
+5xx, timeouts and dropped connections are retried with exponential backoff and full
+jitter, bounded. Errors name the vendor, method, path and status, never a credential.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import requests
+
+from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
+from personalization_pipeline.core.ratelimit import backoff_delay
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class VendorError(RuntimeError):
+    """A vendor call that failed for good. The message is safe to show in the UI."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class VendorAuthError(VendorError):
+    """Credentials were rejected even after a refresh."""
+
+
+@dataclass
+class CallStats:
+    """Counters reported as materialisation metadata."""
+
+    api_calls: int = 0
+    http_429: int = 0
+    retries: int = 0
+    token_refreshes: int = 0
+    wait_seconds: float = 0.0
+    pages: int = 0
+
+    def as_metadata(self) -> dict[str, float]:
+        return {
+            "api_calls": self.api_calls,
+            "http_429": self.http_429,
+            "retries": self.retries,
+            "token_refreshes": self.token_refreshes,
+            "rate_limit_wait_seconds": round(self.wait_seconds, 3),
+            "pages": self.pages,
+        }
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    timeout_seconds: float = 30.0
+
+
+def retry_after_seconds(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def describe(method: str, url: str) -> str:
+    """`POST /crm/v3/objects/contacts/search` — the path only, no query (it may carry keys)."""
+    return f"{method} {urlsplit(url).path}"
+
+
+@dataclass
+class RequestLoop:
+    """Sends one logical request, retrying what is worth retrying.
+
+    `before_attempt` runs before every attempt (rate limiting, connection slots);
+    `on_429` receives the Retry-After so a shared bucket can be pushed back;
+    `on_401` may refresh credentials once and return True to retry.
+    """
+
+    vendor: str
+    session_request: Callable[..., requests.Response]
+    stats: CallStats = field(default_factory=CallStats)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    clock: Clock = SYSTEM_CLOCK
+    before_attempt: Callable[[str], float] | None = None
+    on_429: Callable[[float], None] | None = None
+    on_401: Callable[[], bool] | None = None
+
+    def send(self, method: str, url: str, *, limit_key: str = "default", **kwargs: Any) -> requests.Response:
+        what = f"{self.vendor} {describe(method, url)}"
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.before_attempt is not None:
+                self.stats.wait_seconds += self.before_attempt(limit_key)
+            self.stats.api_calls += 1
+            retry_after = None
+            try:
+                response = self.session_request(method, url, timeout=self.policy.timeout_seconds, **kwargs)
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                reason = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
+                if attempt >= self.policy.max_attempts:
+                    raise VendorError(f"{what} {reason} after {attempt} attempts") from None
+                self._sleep(attempt, None, what, reason)
+                continue
+            if response.status_code == 401 and self.on_401 is not None and not refreshed:
+                refreshed = True
+                if self.on_401():
+                    self.stats.token_refreshes += 1
+                    attempt -= 1
+                    continue
+            if response.status_code in RETRYABLE_STATUS:
+                if response.status_code == 429:
+                    self.stats.http_429 += 1
+                    retry_after = retry_after_seconds(response)
+                    if self.on_429 is not None:
+                        self.on_429(retry_after if retry_after is not None else 1.0)
+                if attempt >= self.policy.max_attempts:
+                    raise VendorError(
+                        f"{what} answered {response.status_code} {self._brief(response)} "
+                        f"after {attempt} attempts",
+                        status=response.status_code,
+                    )
+                self._sleep(attempt, retry_after, what, f"HTTP {response.status_code}")
+                continue
+            if response.status_code == 401:
+                raise VendorAuthError(
+                    f"{what} was refused (401): the credentials are invalid or revoked; "
+                    "re-run the authorisation (see README, 'Real accounts')",
+                    status=401,
+                )
+            if response.status_code >= 400:
+                raise VendorError(
+                    f"{what} answered {response.status_code}: {self._brief(response)}",
+                    status=response.status_code,
+                )
+            return response
+
+    def json(self, method: str, url: str, **kwargs: Any) -> Any:
+        """`send`, then parse JSON; a malformed body is retried like a dropped connection."""
+        attempt = 0
+        while True:
+            attempt += 1
+            response = self.send(method, url, **kwargs)
+            if response.status_code == 204 or not response.content:
+                return None
+            try:
+                return response.json()
+            except (ValueError, json.JSONDecodeError):
+                what = f"{self.vendor} {describe(method, url)}"
+                if attempt >= self.policy.max_attempts:
+                    raise VendorError(f"{what} returned a malformed JSON body {attempt} times") from None
+                self._sleep(attempt, None, what, "malformed JSON body")
+
+    def _sleep(self, attempt: int, retry_after: float | None, what: str, reason: str) -> None:
+        self.stats.retries += 1
+        delay = backoff_delay(attempt, self.policy.base_delay, self.policy.max_delay, retry_after)
+        log.info("%s: %s, retry %d in %.2fs", what, reason, attempt, delay)
+        self.clock.sleep(delay)
+
+    @staticmethod
+    def _brief(response: requests.Response) -> str:
+        try:
+            body = response.json()
+        except ValueError:
+            return response.text[:200]
+        if isinstance(body, dict):
+            for key in ("message", "detail", "title", "error"):
+                if key in body:
+                    return str(body[key])[:300]
+        return str(body)[:200]
