@@ -45,6 +45,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pp-demo=personalization_pipeline.demo:main",
+            "pp-auth=personalization_pipeline.auth_cli:main",
         ],
     },
 )

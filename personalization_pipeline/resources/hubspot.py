@@ -53,6 +53,11 @@ def allow_loopback_http(url: str) -> None:
         os.environ["OAUTHLIB_INSECURE_TRANSPORT"] = "1"
 
 
+def hubspot_token_key(account: str, client_id: str | None) -> str:
+    """Where an app's tokens live in the secret store (shared by every process)."""
+    return f"hubspot:{account}:{client_id}:token"
+
+
 def to_epoch_ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         raise ValueError("naive datetime; use UTC-aware datetimes")
@@ -114,7 +119,7 @@ class HubSpotClient:
         self._margin = refresh_margin_seconds
         self._clock = clock
         self._account = account
-        self._token_key = f"hubspot:{account}:{client_id}:token"
+        self._token_key = hubspot_token_key(account, client_id)
         self._lock = threading.Lock()
         allow_loopback_http(self.token_url)
         allow_loopback_http(self.base_url)

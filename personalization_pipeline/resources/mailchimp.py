@@ -15,8 +15,10 @@ import dagster as dg
 import requests
 from pydantic import Field
 
+from personalization_pipeline import settings
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
 from personalization_pipeline.resources.http import CallStats, RequestLoop, RetryPolicy, VendorError
+from personalization_pipeline.resources.shared_state import SecretStore
 
 MEMBERS_PAGE_SIZE = 1000
 BATCH_LIMIT = 500
@@ -26,6 +28,11 @@ BATCH_LIMIT = 500
 def subscriber_hash(email: str) -> str:
     """Mailchimp's member id: md5 of the lower-cased address."""
     return hashlib.md5(email.strip().lower().encode("utf-8")).hexdigest()
+
+
+def mailchimp_token_key(account: str) -> str:
+    """Where `pp-auth mailchimp` keeps the OAuth token in the secret store."""
+    return f"mailchimp:{account}:token"
 
 
 def mailchimp_time(moment: datetime) -> str:
@@ -162,10 +169,20 @@ class MailchimpResource(dg.ConfigurableResource):
     max_connections: int = 10
     max_attempts: int = 6
     timeout_seconds: float = 120
+    account: str = "default"
+    state_dir: Optional[str] = Field(default=None, description="Defaults to $PP_DATA_DIR/state.")
 
     def get_client(self, clock: Clock = SYSTEM_CLOCK) -> MailchimpClient:
+        access_token = self.access_token
+        if not access_token and not self.api_key:
+            # Stored by `pp-auth mailchimp`.
+            stored = SecretStore(settings.state_dir(self.state_dir) / "secrets.json").get(
+                mailchimp_token_key(self.account)
+            )
+            if isinstance(stored, dict):
+                access_token = stored.get("access_token")
         return MailchimpClient(
-            access_token=self.access_token,
+            access_token=access_token,
             api_key=self.api_key,
             metadata_url=self.metadata_url,
             api_base=self.api_base,
