@@ -1,6 +1,5 @@
 """Identity resolution and the resolved profile table, written together."""
 
-from __future__ import annotations
 
 import os
 

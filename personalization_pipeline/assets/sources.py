@@ -1,7 +1,6 @@
 """Source assets: CRM contacts and ESP members pulled by time window over OAuth, the
 first-load snapshot, and the stream events landed by the ingest service."""
 
-from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,7 +66,7 @@ def crm_contacts(
     canonical rows (one per contact version; re-running never doubles a version). The
     hour in progress is filled up to now minus the configured lag."""
     start, end, now = _window(context, runtime)
-    client = hubspot.get_client(runtime.clock())
+    client = hubspot.get_client()
     records: list[dict] = []
     if end > start:
         try:
@@ -101,7 +100,7 @@ def esp_members(
     """Mailchimp audience members whose `last_changed` falls in the partition's hour, staged
     as canonical rows. Merge fields the push writes are not read back (the echo)."""
     start, end, now = _window(context, runtime)
-    client = mailchimp.get_client(runtime.clock())
+    client = mailchimp.get_client()
     members: list[dict] = []
     if end > start:
         try:
@@ -133,7 +132,7 @@ def source_snapshot(
     nothing twice."""
     now = runtime.clock().now()
     until = source_partitions.start
-    hub, chimp = hubspot.get_client(runtime.clock()), mailchimp.get_client(runtime.clock())
+    hub, chimp = hubspot.get_client(), mailchimp.get_client()
     try:
         contacts = [r for page in hub.contacts_modified(EPOCH, until, tuple(hubspot.properties)) for r in page]
         members = [m for page in chimp.members_changed(mailchimp.list_id, EPOCH, until) for m in page]
@@ -181,9 +180,8 @@ def stream_events(
         path = Path(name)
         if not path.exists():
             raise dg.Failure(description=f"landing file {path} does not exist (moved by retention?)")
-        envelopes, torn = read_landing_file(path)
-        frame, rejects = envelopes_to_canonical(envelopes, catalogue)
-        rejects = [*torn, *rejects]
+        # Unreadable lines come back as envelopes that parse into rejects, with the reason.
+        frame, rejects = envelopes_to_canonical(read_landing_file(path), catalogue)
         target.write_staged("stream", path.stem, frame)
         rejected += target.write_quarantine("stream", path.stem, rejects)
         rows += len(frame)

@@ -1,6 +1,5 @@
 """Push the changed personalisation attributes back to the ESP."""
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd
@@ -60,7 +59,7 @@ def esp_attribute_sync(
         raise dg.Failure(description="resolved_profiles has not been materialised yet")
     members = known_members(current_state(target.read_staged("esp")))
     list_id = mailchimp.list_id
-    client = mailchimp.get_client(runtime.clock())
+    client = mailchimp.get_client()
 
     desired = desired_member_fields(profiles, identity_map, members, mapping)
     changed = changed_members(desired, store.acknowledged(list_id))

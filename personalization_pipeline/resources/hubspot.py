@@ -99,6 +99,9 @@ class HubSpotClient:
         clock: Clock = SYSTEM_CLOCK,
         account: str = "default",
     ) -> None:
+        """`clock` times token lifetimes, rate limits and backoff. These are measured
+        against the vendor's real clock (and shared with other processes), so production
+        code passes the system clock; tests may pass a manual one to avoid sleeping."""
         self.base_url = base_url.rstrip("/")
         self.token_url = token_url
         self._client_id = client_id
@@ -214,18 +217,20 @@ class HubSpotClient:
         if self._private_app_token:
             headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {self._private_app_token}"}
             return self._plain.request(method, url, headers=headers, **kwargs)
-        token = self._token()
         assert self._session is not None
-        self._session.token = {
-            "access_token": token["access_token"],
-            "token_type": "Bearer",
-            "expires_at": token["expires_at"],
-        }
-        try:
-            return self._session.request(method, url, **kwargs)
-        except TokenExpiredError:
-            self._refresh(force=True)
-            return self._request(method, url, **kwargs)
+        for attempt in range(2):
+            token = self._token() if attempt == 0 else self._refresh(force=True)
+            # requests-oauthlib checks expires_at against the wall clock before sending.
+            self._session.token = {
+                "access_token": token["access_token"],
+                "token_type": "Bearer",
+                "expires_at": token["expires_at"],
+            }
+            try:
+                return self._session.request(method, url, **kwargs)
+            except TokenExpiredError:
+                continue
+        raise VendorAuthError("HubSpot issued an access token that had already expired; check the clock")
 
     # -- API --------------------------------------------------------------------------
 
@@ -348,7 +353,7 @@ class HubSpotResource(dg.ConfigurableResource):
     account: str = "default"
     state_dir: Optional[str] = Field(default=None, description="Defaults to $PP_DATA_DIR/state.")
 
-    def get_client(self, clock: Clock = SYSTEM_CLOCK) -> HubSpotClient:
+    def get_client(self) -> HubSpotClient:
         state = settings.state_dir(self.state_dir)
         return HubSpotClient(
             base_url=self.base_url,
@@ -358,10 +363,9 @@ class HubSpotResource(dg.ConfigurableResource):
             refresh_token=self.refresh_token,
             private_app_token=self.private_app_token,
             secret_store=SecretStore(state / "secrets.json"),
-            limiter=SharedRateLimiter(state / "coordination.sqlite", clock=clock),
+            limiter=SharedRateLimiter(state / "coordination.sqlite"),
             requests_per_10s=self.requests_per_10s,
             search_per_second=self.search_per_second,
             retry=RetryPolicy(max_attempts=self.max_attempts, timeout_seconds=self.timeout_seconds),
-            clock=clock,
             account=self.account,
         )

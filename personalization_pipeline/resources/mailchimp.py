@@ -172,7 +172,7 @@ class MailchimpResource(dg.ConfigurableResource):
     account: str = "default"
     state_dir: Optional[str] = Field(default=None, description="Defaults to $PP_DATA_DIR/state.")
 
-    def get_client(self, clock: Clock = SYSTEM_CLOCK) -> MailchimpClient:
+    def get_client(self) -> MailchimpClient:
         access_token = self.access_token
         if not access_token and not self.api_key:
             # Stored by `pp-auth mailchimp`.
@@ -188,5 +188,4 @@ class MailchimpResource(dg.ConfigurableResource):
             api_base=self.api_base,
             max_connections=self.max_connections,
             retry=RetryPolicy(max_attempts=self.max_attempts, timeout_seconds=self.timeout_seconds),
-            clock=clock,
         )

@@ -1,0 +1,136 @@
+"""The whole loop in-process over real HTTP: sandbox HubSpot and Mailchimp over OAuth, the
+ingest service and simulator, staging, identity, profiles and the push."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from personalization_pipeline.assets.profiles import identity_and_profiles
+from personalization_pipeline.assets.sources import crm_contacts, esp_members, source_snapshot, stream_events
+from personalization_pipeline.assets.sync import esp_attribute_sync
+from personalization_pipeline.core.clock import ManualClock
+from personalization_pipeline.ingest_service.app import start_ingest_service
+from personalization_pipeline.ingest_service.config import IngestConfig
+from personalization_pipeline.resources.hubspot import HubSpotResource
+from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.mailchimp import MailchimpResource
+from personalization_pipeline.resources.runtime import RuntimeResource
+from personalization_pipeline.resources.shop import ShopResource
+from personalization_pipeline.resources.state_store import StateStoreResource
+from personalization_pipeline.sandbox.server import SandboxConfig, start_sandbox
+from personalization_pipeline.simulator import run_simulator
+
+WORLD_NOW = datetime(2026, 10, 31, 20, 0, tzinfo=timezone.utc)  # history ends before the first partition
+EDIT_TIME = datetime(2026, 11, 28, 10, 30, tzinfo=timezone.utc)
+PARTITION = "2026-11-28-10:00"
+RUN_NOW = "2026-11-28T10:50:00Z"
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    monkeypatch.setenv("PP_DATA_DIR", str(tmp_path))
+    clock = ManualClock(WORLD_NOW)
+    config = SandboxConfig(seed=11, size=400, history_days=20, clock=clock.now, world_now=WORLD_NOW)
+    with start_sandbox(config) as sandbox:
+        resources = {
+            "hubspot": HubSpotResource(
+                base_url=sandbox.hubspot_url,
+                client_id=config.hubspot_client_id,
+                client_secret=config.hubspot_client_secret,
+                refresh_token=config.hubspot_refresh_token,
+            ),
+            "mailchimp": MailchimpResource(
+                access_token=config.mailchimp_access_token,
+                list_id=config.mailchimp_list_id,
+                metadata_url=f"{sandbox.mailchimp_url}/oauth2/metadata",
+            ),
+            "shop": ShopResource(base_url=sandbox.shop_url),
+            "lake": LakeResource(),
+            "state": StateStoreResource(),
+            "runtime": RuntimeResource(lag_seconds=60, now_override=RUN_NOW),
+        }
+        yield sandbox, clock, resources, tmp_path
+
+
+def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
+    events = [e.materialization for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(key)]
+    assert events, f"{key} was not materialised"
+    return {k: v.value for k, v in events[-1].metadata.items()}
+
+
+def test_whole_loop_over_real_http(world):
+    sandbox, clock, resources, tmp = world
+    hub, chimp = sandbox.hubspot_state, sandbox.mailchimp_state
+
+    # First load: everything changed before the first partition.
+    snap = dg.materialize([source_snapshot], resources=resources)
+    assert snap.success
+    meta = _metadata(snap, "source_snapshot")
+    assert meta["crm_contacts"] == len(hub.ground_truth(None, _ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
+    assert meta["esp_members"] == len(chimp.ground_truth(None, _ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
+
+    # Weeks later the CRM and the ESP change; the hour's partition pulls exactly those records.
+    clock.advance((EDIT_TIME - WORLD_NOW).total_seconds())
+    edited_contacts = set(hub.mutate(25))
+    edited_members = set(chimp.mutate(20))
+    pulled = dg.materialize([crm_contacts, esp_members], resources=resources, partition_key=PARTITION)
+    assert pulled.success
+    crm_meta = _metadata(pulled, "crm_contacts")
+    truth = {c["id"] for c in hub.ground_truth(_ms(EDIT_TIME.replace(minute=0)), _ms(EDIT_TIME.replace(minute=49)))}
+    assert truth == edited_contacts
+    assert crm_meta["rows_pulled"] == len(truth)
+    assert crm_meta["api_calls"] >= 1 and crm_meta["http_429"] == 0
+    assert _metadata(pulled, "esp_members")["rows_pulled"] == len(edited_members)
+    staged = pd.read_parquet(tmp / "lake" / "staged" / "crm" / "2026-11-28-10-00.parquet")
+    assert set(staged["source_record_id"]) <= edited_contacts and len(staged) > 0
+
+    # Events through the real ingest service, published as landing files.
+    ingest_config = IngestConfig(
+        landing_dir=tmp / "landing",
+        write_keys={"test-write-key"},
+        shopify_secret="test-shopify-secret",
+        mailchimp_webhook_secret="test-mc-secret",
+        rotate_seconds=0.5,
+    )
+    with start_ingest_service(ingest_config) as ingest:
+        stats = run_simulator(
+            ingest.url, sandbox.shop_url, "test-write-key", "test-shopify-secret", rate=400, count=300, seed=5
+        )
+    assert stats.failed == 0
+    streamed = dg.materialize([stream_events], resources=resources)
+    assert streamed.success
+    assert _metadata(streamed, "stream_events")["dagster/row_count"] >= 250
+
+    # Profiles and the push.
+    profiles_run = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources)
+    assert profiles_run.success
+    profiles = pd.read_parquet(tmp / "lake" / "tables" / "resolved_profiles.parquet")
+    assert 0 < len(profiles) < 400 * 3
+    assert profiles["profile_id"].str.match(r"^p_[0-9a-f]{16}$").all()
+    assert profiles["profile_id"].is_unique
+    assert (profiles["order_count"].fillna(0) > 0).any()
+    sync = _metadata(profiles_run, "esp_attribute_sync")
+    assert sync["members_acknowledged"] > 0 and sync["members_failed"] == 0
+    assert sync["batch_calls"] == -(-sync["members_sent"] // 500)
+
+    pushes = chimp.pushes
+    batch_pushes = [p for p in pushes if p["members"]]
+    assert batch_pushes
+    sent = [m for p in batch_pushes for m in p["members"]]
+    assert all(p["result"]["total_created"] == 0 for p in batch_pushes)  # never creates an address
+    assert all("status" not in m and "status_if_new" not in m for m in sent)  # never writes consent
+    assert {"CITY", "LTV", "ORDERS", "NEXTCAT"} <= set(sent[0]["merge_fields"])
+    assert any(m["merge_fields"]["ORDERS"] not in ("", 0) for m in sent)
+
+    # Nothing changed: the next push sends nothing.
+    again = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources)
+    assert _metadata(again, "esp_attribute_sync")["members_sent"] == 0
+    assert len([p for p in chimp.pushes if p["members"]]) == len(batch_pushes)
