@@ -44,6 +44,7 @@ DEFAULT_PROPERTIES = (
 )
 PAGE_SIZE = 200
 """HubSpot's maximum page size for search."""
+PACING_SAFETY = 0.95
 
 
 def allow_loopback_http(url: str) -> None:
@@ -115,9 +116,11 @@ class HubSpotClient:
             )
         self._store = secret_store
         self._limiter = limiter
+        # Pace a little under the published limits: the vendor counts arrivals in a rolling
+        # window, and a request delayed on our side bunches up with the next one.
         self._limits = {
-            "default": RateLimit(requests_per_10s, 10.0, burst=1),
-            "search": RateLimit(search_per_second, 1.0, burst=1),
+            "default": RateLimit(requests_per_10s * PACING_SAFETY, 10.0, burst=1),
+            "search": RateLimit(search_per_second * PACING_SAFETY, 1.0, burst=1),
         }
         self._margin = refresh_margin_seconds
         self._clock = clock
