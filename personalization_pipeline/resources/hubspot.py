@@ -21,8 +21,9 @@ from requests_oauthlib import OAuth2Session
 
 from personalization_pipeline import settings
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
-from personalization_pipeline.core.ratelimit import RateLimit
+from personalization_pipeline.core.ratelimit import RateLimit, backoff_delay
 from personalization_pipeline.resources.http import (
+    RETRYABLE_STATUS,
     CallStats,
     RequestLoop,
     RetryPolicy,
@@ -76,6 +77,10 @@ def parse_hubspot_time(value: str | None) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return to_epoch_ms(moment)
+
+
+class _TransientTokenError(Exception):
+    pass
 
 
 class HubSpotClient:
@@ -183,21 +188,7 @@ class HubSpotClient:
                 raise VendorAuthError(
                     "HubSpot has no refresh token: set HUBSPOT_REFRESH_TOKEN or run `pp-auth hubspot`"
                 )
-            session = OAuth2Session(client_id=self._client_id)
-            try:
-                token = session.refresh_token(
-                    self.token_url,
-                    refresh_token=refresh_token,
-                    client_id=self._client_id,
-                    client_secret=self._client_secret,
-                    timeout=30,
-                )
-            except OAuth2Error as exc:
-                raise VendorAuthError(
-                    f"HubSpot refused the refresh token ({exc.error}); re-authorise with `pp-auth hubspot`"
-                ) from None
-            except requests.RequestException as exc:
-                raise VendorError(f"HubSpot token endpoint unreachable: {type(exc).__name__}") from None
+            token = self._refresh_call(refresh_token)
             expires_in = float(token.get("expires_in") or 1800)
             margin = min(self._margin, expires_in / 4)
             return {
@@ -215,6 +206,42 @@ class HubSpotClient:
         if token.get("obtained_at", 0) >= started:  # type: ignore[union-attr]
             self.stats.token_refreshes += 1
         return token  # type: ignore[return-value]
+
+    def _refresh_call(self, refresh_token: str) -> dict:
+        """The refresh-token grant through requests-oauthlib; 429, 5xx and network errors at
+        the token endpoint are retried with backoff like any other call."""
+
+        def transient(response: requests.Response) -> requests.Response:
+            if response.status_code in RETRYABLE_STATUS:
+                raise _TransientTokenError(f"HTTP {response.status_code}")
+            return response
+
+        policy = self._loop.policy
+        for attempt in range(1, policy.max_attempts + 1):
+            session = OAuth2Session(client_id=self._client_id)
+            session.register_compliance_hook("refresh_token_response", transient)
+            try:
+                self.stats.api_calls += 1
+                return session.refresh_token(
+                    self.token_url,
+                    refresh_token=refresh_token,
+                    client_id=self._client_id,
+                    client_secret=self._client_secret,
+                    timeout=policy.timeout_seconds,
+                )
+            except OAuth2Error as exc:
+                raise VendorAuthError(
+                    f"HubSpot refused the refresh token ({exc.error}); re-authorise with `pp-auth hubspot`"
+                ) from None
+            except (_TransientTokenError, requests.RequestException) as exc:
+                reason = str(exc) if isinstance(exc, _TransientTokenError) else type(exc).__name__
+                if attempt == policy.max_attempts:
+                    raise VendorError(
+                        f"HubSpot token endpoint failed ({reason}) after {attempt} attempts"
+                    ) from None
+                self.stats.retries += 1
+                self._clock.sleep(backoff_delay(attempt, policy.base_delay, policy.max_delay))
+        raise AssertionError("unreachable")
 
     def _request(self, method: str, url: str, **kwargs) -> requests.Response:
         if self._private_app_token:

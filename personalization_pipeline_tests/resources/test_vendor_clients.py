@@ -219,3 +219,12 @@ def test_mailchimp_batch_reports_per_member_errors(sandbox):
     assert response["error_count"] == 2
     with pytest.raises(ValueError, match="at most 500"):
         client.batch_update_members(cfg.mailchimp_list_id, [{"email_address": "a@b.c"}] * 501)
+
+
+@pytest.mark.parametrize("kind", ["http_503", "drop_connection"])
+def test_token_endpoint_failures_are_retried(sandbox, tmp_path, kind):
+    client = hub(sandbox, tmp_path)
+    fault(sandbox.hubspot_url, kind, count=2, path_prefix="/oauth/v1/token")
+    start, end = window()
+    assert set(pull(client, start, end)) == truth(sandbox, start, end)
+    assert client.stats.retries >= 2
