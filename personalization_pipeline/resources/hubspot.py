@@ -45,7 +45,7 @@ DEFAULT_PROPERTIES = (
 )
 PAGE_SIZE = 200
 """HubSpot's maximum page size for search."""
-PACING_SAFETY = 0.95
+PACING_SAFETY = 0.98
 
 
 def allow_loopback_http(url: str) -> None:

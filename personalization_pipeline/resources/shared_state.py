@@ -60,9 +60,16 @@ class SharedRateLimiter:
         return wait
 
     def acquire(self, key: str, limit: RateLimit) -> float:
-        """Wait for a slot; returns the seconds waited."""
+        """Wait for a slot; returns the seconds waited.
+
+        After the wait the next slot is re-anchored on the moment we actually go: a
+        sleep that overran (a busy machine) must not let the next request follow this
+        one closer than the interval, or the vendor's rolling window counts one too many.
+        """
         wait = self.reserve(key, limit)
         self._clock.sleep(wait)
+        if limit.burst == 1:
+            self.push_back(key, limit.interval)
         return wait
 
     def push_back(self, key: str, seconds: float) -> None:

@@ -1,0 +1,788 @@
+"""Identity resolution: which current records belong to the same person (PRODUCT.md section 5).
+
+Pure functions over canonical frames (``core/canonical.py``); no Dagster import.
+
+The steps, and why they are shaped this way:
+
+1. ``current_state`` reduces the append-only staged history to the state that resolution
+   reads: the latest version of each source record, minus deleted ones.
+2. ``resolve_identities`` turns identifiers into integer-coded nodes, links each record's
+   highest-type identifier to its other identifiers (a star), and finds connected
+   components with scipy. A component within every limit is final as it is, because
+   merging only ever raises counts. Only components that break a limit are replayed edge
+   by edge, in the canonical edge order, with a union-find that rejects the merges that
+   would break a limit. The result is a pure function of the current state: no input row
+   order, batch order or arrival order can change it.
+3. ``profile_id_changes`` compares two record -> profile assignments so that the push
+   ledger, the serving store and the API can follow a profile id that changed.
+
+Every output frame is sorted by a canonical key, so the same current state gives
+byte-identical frames whatever the order of its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from personalization_pipeline.core.canonical import (
+    _BLOCKED,
+    IDENTIFIER_TYPES,
+    SOURCES,
+)
+
+_I64_MAX = np.iinfo(np.int64).max
+_I64_MIN = np.iinfo(np.int64).min
+
+IDENTITY_MAP_COLUMNS = ("identifier_type", "identifier_value", "profile_id", "first_seen")
+RECORD_PROFILE_COLUMNS = ("source", "source_record_id", "profile_id")
+CONFLICT_COLUMNS = (
+    "from_type",
+    "from_value",
+    "to_type",
+    "to_value",
+    "reason",
+    "trust_source",
+    "first_seen",
+)
+COMPONENT_COLUMNS = ("profile_id", "size", *(f"n_{kind}" for kind in IDENTIFIER_TYPES))
+PROFILE_CHANGE_COLUMNS = ("old_profile_id", "new_profile_id")
+
+
+@dataclass(frozen=True)
+class IdentityLimits:
+    """Merge protection: the most identifiers of each type one profile may hold."""
+
+    crm_id: int = 1
+    customer_id: int = 1
+    email: int = 3
+    anonymous_id: int = 50
+
+    def __post_init__(self) -> None:
+        for kind in IDENTIFIER_TYPES:
+            value = getattr(self, kind)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"identity limit {kind} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | PathLike[str]) -> "IdentityLimits":
+        """Read ``config/identity_limits.yaml``: a mapping identifier type -> limit.
+
+        Types left out keep their default; an unknown type or a limit that is not an
+        integer >= 1 is an error naming the file.
+        """
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of identifier type to limit")
+        unknown = sorted(str(key) for key in data if key not in IDENTIFIER_TYPES)
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown identifier type(s) {unknown}; known: {list(IDENTIFIER_TYPES)}"
+            )
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    def as_array(self) -> np.ndarray:
+        """The limits in ``IDENTIFIER_TYPES`` order."""
+        return np.array([getattr(self, kind) for kind in IDENTIFIER_TYPES], dtype=np.int64)
+
+
+@dataclass
+class IdentityResult:
+    """What ``resolve_identities`` returns.
+
+    - ``identity_map``: every identifier of the current state -> its profile, with its
+      first-seen time (earliest ``observed_at`` of a current record carrying it). Sorted by
+      (profile_id, identifier type rank, first_seen, identifier_value).
+    - ``record_profiles``: one row per current record that carries at least one usable
+      identifier -> the profile of its highest-type identifier. Sorted by (source,
+      observed_at, source_record_id): ``record_order``, which ``build_profiles`` uses to
+      line it up with the current state.
+    - ``conflicts``: the rejected edges, in the canonical edge order, with the limit that
+      rejected them.
+    - ``components``: one row per profile with its identifier counts, sorted by profile_id.
+    """
+
+    identity_map: pd.DataFrame
+    record_profiles: pd.DataFrame
+    conflicts: pd.DataFrame
+    components: pd.DataFrame
+
+
+def current_state(history: pd.DataFrame, sort: bool = False) -> pd.DataFrame:
+    """The current state that resolution reads (PRODUCT.md section 4).
+
+    For every (source, source_record_id) the latest version wins: the largest
+    ``observed_at``, then the largest ``received_at``; versions equal on both (a
+    re-delivery) are told apart by a hash of the whole row, so the pick never depends on
+    row order. A record whose latest version ``is_deleted`` (archived, deleted or merged
+    away at the source) is dropped. The same rule de-duplicates events: an exact
+    re-delivery of one delivery id keeps one row.
+
+    The result keeps the canonical columns and dtypes, with a fresh index. Its rows keep
+    the order they had in ``history`` (a filter, which at ten million rows is several
+    times cheaper than a reordering gather); ``sort=True`` puts them in the canonical
+    record order (source, observed_at, source_record_id) instead, which makes the frame
+    itself independent of the history's row order. Nothing downstream depends on the
+    row order: ``resolve_identities`` and ``build_profiles`` sort their outputs.
+    """
+    frame = history.reset_index(drop=True)
+    if frame.empty:
+        return frame.copy()
+    missing = frame["source"].isna() | frame["source_record_id"].isna()
+    if missing.any():
+        raise ValueError(
+            f"current_state: {int(missing.sum())} row(s) have no source or source_record_id"
+        )
+    groups, keys = _encode(record_keys(frame))
+    observed = _micros(frame["observed_at"], _I64_MIN)
+    received = _micros(frame["received_at"], _I64_MIN)
+
+    def row_hash(rows: np.ndarray) -> list[np.ndarray]:
+        return [pd.util.hash_pandas_object(frame.iloc[rows], index=False).to_numpy()]
+
+    # `~x` orders descending without the overflow that `-x` has at the int64 minimum.
+    latest = _group_argmin(groups, len(keys), [~observed, ~received], tiebreak=row_hash)
+    keep = np.zeros(len(frame), dtype=bool)
+    keep[latest] = True
+    keep &= ~frame["is_deleted"].fillna(False).to_numpy(dtype=bool)
+    if sort:
+        rows = np.flatnonzero(keep)
+        return frame.iloc[rows[record_order(frame, rows)]].reset_index(drop=True)
+    if keep.all():
+        return frame
+    return frame[keep].reset_index(drop=True)
+
+
+def resolve_identities(current: pd.DataFrame, limits: IdentityLimits) -> IdentityResult:
+    """Resolve the current state into profiles (PRODUCT.md section 5).
+
+    ``current`` is a canonical frame holding the current state (see ``current_state``);
+    (source, source_record_id) is assumed unique in it.
+
+    Identifiers are normalised first (strip; emails lower-cased); blocked values count as
+    absent. A record with no usable identifier at all belongs to no profile and is left
+    out of ``record_profiles``.
+    """
+    limit_array = limits.as_array()
+    frame = current.reset_index(drop=True)
+    n_records = len(frame)
+    observed = _micros(frame["observed_at"], _I64_MAX)
+    trust = _trust_ranks(frame["source"])
+
+    # Integer-code the identifiers: node ids are contiguous per type, in type order.
+    record_nodes = np.full((n_records, len(IDENTIFIER_TYPES)), -1, dtype=np.int64)
+    node_values: list[pa.Array] = []
+    offset = 0
+    for position, kind in enumerate(IDENTIFIER_TYPES):
+        codes, uniques = normalised_codes(kind, frame[kind])
+        record_nodes[:, position] = np.where(codes >= 0, codes + offset, -1)
+        node_values.append(uniques)
+        offset += len(uniques)
+    n_nodes = offset
+    node_type = np.repeat(
+        np.arange(len(IDENTIFIER_TYPES)), [len(values) for values in node_values]
+    )
+    values = pa.concat_arrays(node_values)
+
+    present = record_nodes >= 0
+    has_identifier = present.any(axis=1)
+    top_type = np.argmax(present, axis=1)
+    top_node = record_nodes[np.arange(n_records), top_type]
+
+    node_first_seen = np.full(n_nodes, _I64_MAX, dtype=np.int64)
+    for position in range(len(IDENTIFIER_TYPES)):
+        mask = present[:, position]
+        np.minimum.at(node_first_seen, record_nodes[mask, position], observed[mask])
+
+    # Every record's star edges, duplicates included: components do not care, and only
+    # the edges of components that break a limit need their trust and first-seen.
+    edge_high, edge_low, edge_record = _star_edges(record_nodes, present, top_type, top_node)
+    graph = coo_matrix(
+        (np.ones(len(edge_high), dtype=np.int8), (edge_high, edge_low)),
+        shape=(n_nodes, n_nodes),
+    ).tocsr()
+    n_components, labels = connected_components(graph, directed=False)
+    counts = _type_counts(labels, node_type, n_components)
+    broken = (counts > limit_array).any(axis=1)
+
+    edges = _distinct_edges(*(np.empty(0, dtype=np.int64) for _ in range(4)), n_nodes)
+    rejected = np.empty(0, dtype=np.int64)
+    rejected_reasons: list[str] = []
+    if broken.any():
+        in_broken = broken[labels[edge_high]]
+        records = edge_record[in_broken]
+        edges = _distinct_edges(
+            edge_high[in_broken], edge_low[in_broken], trust[records], observed[records], n_nodes
+        )
+        labels, rejected, rejected_reasons = _replay_broken(
+            labels, broken, n_components, node_type, values, edges, limit_array
+        )
+        used = np.zeros(int(labels.max()) + 1, dtype=bool)
+        used[labels] = True
+        labels = (np.cumsum(used) - 1)[labels]
+    n_profiles = int(labels.max()) + 1 if n_nodes else 0
+
+    # The anchor: highest type, then earliest first-seen, then smallest value.
+    anchors = _group_argmin(
+        labels,
+        n_profiles,
+        [node_type, node_first_seen],
+        tiebreak=lambda rows: [_take_objects(values, rows)],
+    )
+    profile_ids, profile_rank = _profile_ids(node_type[anchors], values.take(pa.array(anchors)))
+    node_profile_rank = profile_rank[labels]
+
+    identity_map = _identity_map(
+        node_type, values, labels, profile_ids, node_first_seen, node_profile_rank
+    )
+    record_label = np.full(n_records, -1, dtype=np.int64)
+    record_label[has_identifier] = labels[top_node[has_identifier]]
+    record_profiles = _record_profiles(frame, has_identifier, record_label, profile_ids)
+    conflicts = _conflicts(edges, rejected, rejected_reasons, node_type, values)
+    components = _components(labels, node_type, n_profiles, profile_ids, profile_rank)
+    return IdentityResult(identity_map, record_profiles, conflicts, components)
+
+
+def profile_id_changes(
+    old_record_profiles: pd.DataFrame, new_record_profiles: pd.DataFrame
+) -> pd.DataFrame:
+    """Profile ids that changed between two record -> profile assignments.
+
+    One row (old_profile_id, new_profile_id) for every distinct pair where a record
+    present in both assignments moved from the old profile to a different one: an anchor
+    change (an email joins an anonymous-only profile), a merge (two old ids -> one new id)
+    or a split (one old id -> several). An old profile id that no longer exists and none
+    of whose records survive (every record deleted) gets one row with a null
+    new_profile_id, so that the serving store and the ledger can drop it. Sorted by
+    (old_profile_id, new_profile_id).
+    """
+    old_ids = _arrow_strings(old_record_profiles["profile_id"])
+    new_ids = _arrow_strings(new_record_profiles["profile_id"])
+    position = (
+        pc.index_in(record_keys(old_record_profiles), value_set=record_keys(new_record_profiles))
+        .fill_null(-1)
+        .to_numpy(zero_copy_only=False)
+        .astype(np.int64)
+    )
+    both = np.flatnonzero(position >= 0)
+    before = old_ids.take(pa.array(both, type=pa.int64()))
+    after = new_ids.take(pa.array(position[both], type=pa.int64()))
+    moved = pc.not_equal(before, after).fill_null(True).to_numpy(zero_copy_only=False)
+    pairs = pd.DataFrame(
+        {
+            "old_profile_id": _str_series(before.filter(pa.array(moved))),
+            "new_profile_id": _str_series(after.filter(pa.array(moved))),
+        }
+    ).drop_duplicates()
+    old_unique = pc.unique(old_ids.drop_null())
+    gone = pc.invert(
+        pc.or_(
+            pc.is_in(old_unique, value_set=new_ids),
+            pc.is_in(old_unique, value_set=_arrow_strings(pairs["old_profile_id"])),
+        )
+    )
+    vanished = pd.DataFrame(
+        {
+            "old_profile_id": _str_series(old_unique.filter(gone)),
+            "new_profile_id": pd.Series([None] * gone.true_count, dtype="str"),
+        }
+    )
+    changes = pd.concat([pairs, vanished], ignore_index=True)
+    return changes.sort_values(
+        ["old_profile_id", "new_profile_id"], na_position="last", kind="stable"
+    ).reset_index(drop=True)[list(PROFILE_CHANGE_COLUMNS)]
+
+
+def _profile_ids(kinds: np.ndarray, values: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """profile_id of each anchor, and each id's rank in sorted order.
+
+    profile_id = "p_" + the first 16 hex digits of sha256("type:value"). The rank comes
+    from the same 8 digest bytes read as a big-endian integer, which sorts exactly like
+    the hex strings, so a million ids are ordered without a string sort.
+    """
+    n = len(kinds)
+    if n == 0:
+        return pa.array([], type=pa.large_string()), np.empty(0, dtype=np.int64)
+    prefixes = pa.array([f"{kind}:" for kind in IDENTIFIER_TYPES], type=pa.large_string())
+    keys = pc.binary_join_element_wise(
+        prefixes.take(pa.array(kinds, type=pa.int64())),
+        values,
+        pa.scalar("", pa.large_string()),
+    )
+    sha256 = hashlib.sha256
+    keys = keys.cast(pa.large_binary()).to_pylist()
+    digests = b"".join([sha256(key).digest()[:8] for key in keys])
+    head = np.frombuffer(digests, dtype=np.uint8).reshape(n, 8)
+    hex_digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    text = np.empty((n, 18), dtype=np.uint8)
+    text[:, 0], text[:, 1] = ord("p"), ord("_")
+    text[:, 2::2] = hex_digits[head >> 4]
+    text[:, 3::2] = hex_digits[head & 15]
+    ids = pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(np.arange(n + 1, dtype=np.int64) * 18), pa.py_buffer(text.tobytes())
+    )
+    numbers = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+    order = np.argsort(numbers, kind="stable")
+    if n > 1 and (numbers[order][1:] == numbers[order][:-1]).any():
+        raise ValueError(
+            "two different anchors hash to the same profile_id (a 64-bit sha256 prefix "
+            "collision); widen the profile id"
+        )
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return ids, rank
+
+
+def _star_edges(
+    record_nodes: np.ndarray, present: np.ndarray, top_type: np.ndarray, top_node: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each record's edges (its highest-type node -> each other node), with the record."""
+    highs, lows, records = [], [], []
+    for position in range(1, record_nodes.shape[1]):
+        rows = np.flatnonzero(present[:, position] & (top_type < position))
+        highs.append(top_node[rows])
+        lows.append(record_nodes[rows, position])
+        records.append(rows)
+    return np.concatenate(highs), np.concatenate(lows), np.concatenate(records)
+
+
+def _distinct_edges(
+    high: np.ndarray, low: np.ndarray, trust: np.ndarray, observed: np.ndarray, n_nodes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct edges (high node, low node) with their trust and first-seen.
+
+    Trust is the most trusted source among the records that carry the edge, first-seen
+    the earliest observed_at among them.
+    """
+    key = high * np.int64(max(n_nodes, 1)) + low
+    codes, uniques = pd.factorize(key)
+    n_edges = len(uniques)
+    edge_trust = np.full(n_edges, _I64_MAX, dtype=np.int64)
+    np.minimum.at(edge_trust, codes, trust)
+    edge_first_seen = np.full(n_edges, _I64_MAX, dtype=np.int64)
+    np.minimum.at(edge_first_seen, codes, observed)
+    uniques = np.asarray(uniques, dtype=np.int64)
+    return uniques // max(n_nodes, 1), uniques % max(n_nodes, 1), edge_trust, edge_first_seen
+
+
+def _type_counts(labels: np.ndarray, node_type: np.ndarray, n_components: int) -> np.ndarray:
+    n_types = len(IDENTIFIER_TYPES)
+    flat = np.bincount(labels * n_types + node_type, minlength=n_components * n_types)
+    return flat.reshape(n_components, n_types)
+
+
+def _replay_broken(
+    labels: np.ndarray,
+    broken: np.ndarray,
+    n_components: int,
+    node_type: np.ndarray,
+    values: pa.Array,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    limit_array: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The ordered union-find pass over the components that break a limit.
+
+    Returns the new node labels and the indices of the rejected edges, in the canonical
+    edge order, with the reason for each.
+    """
+    edge_high, edge_low, edge_trust, edge_first_seen = edges
+    nodes = np.flatnonzero(broken[labels])
+    # Rank the nodes of broken components by (type rank, value): the edge order compares
+    # ends that way, and the local union-find works on these ranks.
+    table = pa.table({"type": node_type[nodes], "value": values.take(pa.array(nodes))})
+    ranked_nodes = nodes[
+        pc.sort_indices(table, [("type", "ascending"), ("value", "ascending")]).to_numpy()
+    ]
+    local = np.full(len(labels), -1, dtype=np.int64)
+    local[ranked_nodes] = np.arange(len(ranked_nodes))
+
+    edge_ids = np.flatnonzero(broken[labels[edge_high]])
+    high = local[edge_high[edge_ids]]
+    low = local[edge_low[edge_ids]]
+    order = np.lexsort((low, high, edge_first_seen[edge_ids], edge_trust[edge_ids]))
+
+    n_local = len(ranked_nodes)
+    n_types = len(IDENTIFIER_TYPES)
+    parent = list(range(n_local))
+    counts = [[0] * n_types for _ in range(n_local)]
+    for index, kind in enumerate(node_type[ranked_nodes].tolist()):
+        counts[index][kind] = 1
+    limits = limit_array.tolist()
+
+    def find(node: int) -> int:
+        root = node
+        while parent[root] != root:
+            root = parent[root]
+        while parent[node] != root:
+            parent[node], node = root, parent[node]
+        return root
+
+    rejected: list[int] = []
+    reasons: list[str] = []
+    highs = high[order].tolist()
+    lows = low[order].tolist()
+    for position, (a, b) in enumerate(zip(highs, lows)):
+        root_a, root_b = find(a), find(b)
+        if root_a == root_b:
+            continue
+        merged = [x + y for x, y in zip(counts[root_a], counts[root_b])]
+        broken_types = [k for k in range(n_types) if merged[k] > limits[k]]
+        if broken_types:
+            rejected.append(position)
+            reasons.append(
+                "; ".join(
+                    f"{IDENTIFIER_TYPES[k]} limit {limits[k]} exceeded "
+                    f"(merge would give {merged[k]})"
+                    for k in broken_types
+                )
+            )
+            continue
+        if root_a < root_b:
+            root_a, root_b = root_b, root_a
+        parent[root_b] = root_a
+        counts[root_a] = merged
+
+    roots = np.fromiter((find(i) for i in range(n_local)), dtype=np.int64, count=n_local)
+    new_labels = labels.copy()
+    new_labels[ranked_nodes] = n_components + roots
+    rejected_edges = edge_ids[order][np.asarray(rejected, dtype=np.int64)]
+    return new_labels, rejected_edges, reasons
+
+
+def _identity_map(
+    node_type: np.ndarray,
+    values: pa.Array,
+    labels: np.ndarray,
+    profile_ids: pa.Array,
+    node_first_seen: np.ndarray,
+    node_profile_rank: np.ndarray,
+) -> pd.DataFrame:
+    order = _canonical_order([node_profile_rank, node_type, node_first_seen], [values])
+    return pd.DataFrame(
+        {
+            "identifier_type": _type_names(node_type[order]),
+            "identifier_value": _str_series(values.take(pa.array(order))),
+            "profile_id": _str_series(profile_ids.take(pa.array(labels[order]))),
+            "first_seen": _stamps(node_first_seen[order], _I64_MAX),
+        }
+    )
+
+
+def record_order(frame: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """The canonical record order of ``frame.iloc[rows]``: (source, observed_at, id).
+
+    Returns positions into ``rows``. ``record_profiles`` is in this order, and so is
+    ``current_state(..., sort=True)``; ``build_profiles`` uses it to line records up by
+    position instead of joining ten million string keys.
+    """
+    taken = pa.array(rows, type=pa.int64())
+    observed = _micros(frame["observed_at"], _I64_MIN)[rows]
+    return _canonical_order(
+        [_sorted_codes(_arrow_strings(frame["source"]).take(taken)), observed],
+        [_arrow_strings(frame["source_record_id"]).take(taken)],
+    )
+
+
+def _record_profiles(
+    frame: pd.DataFrame,
+    has_identifier: np.ndarray,
+    record_label: np.ndarray,
+    profile_ids: pa.Array,
+) -> pd.DataFrame:
+    rows = np.flatnonzero(has_identifier)
+    order = rows[record_order(frame, rows)]
+    taken = pa.array(order, type=pa.int64())
+    return pd.DataFrame(
+        {
+            "source": _str_series(_arrow_strings(frame["source"]).take(taken)),
+            "source_record_id": _str_series(_arrow_strings(frame["source_record_id"]).take(taken)),
+            "profile_id": _str_series(profile_ids.take(pa.array(record_label[order]))),
+        }
+    )
+
+
+def _conflicts(
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    rejected: np.ndarray,
+    reasons: list[str],
+    node_type: np.ndarray,
+    values: pa.Array,
+) -> pd.DataFrame:
+    edge_high, edge_low, edge_trust, edge_first_seen = edges
+    source_names = np.asarray([*SOURCES, None], dtype=object)
+    high = edge_high[rejected]
+    low = edge_low[rejected]
+    return pd.DataFrame(
+        {
+            "from_type": _type_names(node_type[high]),
+            "from_value": _str_series(values.take(pa.array(high, type=pa.int64()))),
+            "to_type": _type_names(node_type[low]),
+            "to_value": _str_series(values.take(pa.array(low, type=pa.int64()))),
+            "reason": pd.Series(np.asarray(reasons, dtype=object), dtype="str"),
+            "trust_source": pd.Series(
+                source_names[np.minimum(edge_trust[rejected], len(SOURCES))], dtype="str"
+            ),
+            "first_seen": _stamps(edge_first_seen[rejected], _I64_MAX),
+        }
+    )
+
+
+def _components(
+    labels: np.ndarray,
+    node_type: np.ndarray,
+    n_profiles: int,
+    profile_ids: pa.Array,
+    profile_rank: np.ndarray,
+) -> pd.DataFrame:
+    counts = _type_counts(labels, node_type, n_profiles)
+    order = np.argsort(profile_rank, kind="stable")
+    data: dict[str, object] = {
+        "profile_id": _str_series(profile_ids.take(pa.array(order))),
+        "size": counts.sum(axis=1)[order].astype(np.int64),
+    }
+    for position, kind in enumerate(IDENTIFIER_TYPES):
+        data[f"n_{kind}"] = counts[order, position].astype(np.int64)
+    return pd.DataFrame(data)
+
+
+def normalised_codes(kind: str, column: pd.Series) -> tuple[np.ndarray, pa.Array]:
+    """Integer codes of one identifier column after normalisation, and the distinct values.
+
+    Code -1 marks an absent or blocked value. The raw values are dictionary-encoded first
+    and only the distinct ones are normalised, which is much cheaper when values repeat
+    (a visitor's anonymous id is on every one of their events).
+    """
+    raw_codes, raw_uniques = _encode(_arrow_strings(column))
+    if len(raw_uniques) == 0:
+        return raw_codes, pa.array([], type=pa.large_string())
+    normalised = normalise_values(kind, raw_uniques)
+    unchanged = pc.equal(normalised, raw_uniques.cast(pa.large_string()))
+    if pc.all(unchanged.fill_null(True)).as_py():
+        # Clean data: normalising merged nothing, so only blocked values need dropping.
+        kept = np.flatnonzero(unchanged.is_valid().to_numpy(zero_copy_only=False))
+        mapping = np.full(len(raw_uniques) + 1, -1, dtype=np.int64)
+        mapping[kept] = np.arange(len(kept))
+        return mapping[raw_codes], normalised.take(pa.array(kept, type=pa.int64()))
+    norm_codes, norm_uniques = _encode(normalised)
+    mapping = np.append(norm_codes, -1)  # a null raw value (code -1) stays -1
+    return mapping[raw_codes], norm_uniques
+
+
+def normalise_values(kind: str, values: pa.Array) -> pa.Array:
+    """Arrow-vectorised ``canonical.normalise_identifier`` (null where blocked).
+
+    The same steps as ``canonical.normalise_identifiers`` (strip, lower-case emails, the
+    blocked list and ``^[0-]*$`` compared lower-cased), on Arrow kernels: several times
+    faster than the pandas string path at millions of values. A test holds the two equal.
+    """
+    stripped = pc.utf8_trim_whitespace(values)
+    if kind == "email":
+        stripped = pc.utf8_lower(stripped)
+    lowered = pc.utf8_lower(stripped)
+    blocked = pc.or_(
+        pc.is_in(lowered, value_set=pa.array(sorted(_BLOCKED), type=lowered.type)),
+        pc.match_substring_regex(lowered, r"^[0-]*$"),
+    )
+    return pc.if_else(blocked, pa.scalar(None, type=stripped.type), stripped).cast(
+        pa.large_string()
+    )
+
+
+def record_keys(frame: pd.DataFrame) -> pa.Array:
+    """One string per record, ``source`` + U+001F + ``source_record_id``."""
+    return pc.binary_join_element_wise(
+        _arrow_strings(frame["source"]),
+        _arrow_strings(frame["source_record_id"]),
+        pa.scalar("\x1f", pa.large_string()),
+    )
+
+
+def _encode(array: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Dictionary-encode: int64 codes (-1 for null) and the distinct values, unsorted."""
+    encoded = pc.dictionary_encode(array)
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, encoded.dictionary
+
+
+def _trust_ranks(sources: pd.Series) -> np.ndarray:
+    """Source -> trust rank (crm 0 < shop 1 < esp 2 < web 3; anything else last)."""
+    codes, uniques = _encode(_arrow_strings(sources))
+    rank = {source: position for position, source in enumerate(SOURCES)}
+    table = np.array(
+        [rank.get(u, len(SOURCES)) for u in uniques.to_pylist()] + [len(SOURCES)],
+        dtype=np.int64,
+    )
+    return table[codes]
+
+
+def _sorted_codes(column: pd.Series) -> np.ndarray:
+    """Codes whose order is the values' order, nulls last (for low-cardinality columns)."""
+    codes, uniques = _encode(_arrow_strings(column))
+    rank = np.empty(len(uniques) + 1, dtype=np.int64)
+    rank[pc.sort_indices(uniques).to_numpy()] = np.arange(len(uniques))
+    rank[-1] = len(uniques)
+    return rank[codes]
+
+
+def _arrow_strings(column: pd.Series | pa.Array) -> pa.Array:
+    """A column as one Arrow large_string array (zero-copy for pandas ``str`` columns)."""
+    array = column if isinstance(column, (pa.Array, pa.ChunkedArray)) else pa.array(
+        column, from_pandas=True
+    )
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if array.type != pa.large_string():
+        array = array.cast(pa.large_string())
+    return array
+
+
+def _str_series(array: pa.Array) -> pd.Series:
+    return pd.Series(pd.array(array, dtype="str"))
+
+
+def _type_names(node_type: np.ndarray) -> pd.Series:
+    names = pa.array(list(IDENTIFIER_TYPES), type=pa.large_string())
+    return _str_series(names.take(pa.array(node_type, type=pa.int64())))
+
+
+def _take_objects(key: pa.Array | pd.Series | np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The given rows of a key column as a numpy object array."""
+    if isinstance(key, (pa.Array, pa.ChunkedArray)):
+        return key.take(pa.array(rows, type=pa.int64())).to_numpy(zero_copy_only=False)
+    if isinstance(key, pd.Series):
+        return key.take(rows).to_numpy(dtype=object)
+    return np.asarray(key)[rows]
+
+
+def _micros(values: pd.Series, nat: int) -> np.ndarray:
+    """Timestamps as int64 microseconds since the epoch (UTC); NaT becomes ``nat``."""
+    stamps = pd.Series(pd.to_datetime(values, utc=True))
+    micros = stamps.dt.as_unit("us").array.asi8.copy()
+    micros[stamps.isna().to_numpy()] = nat
+    return micros
+
+
+def _stamps(micros: np.ndarray, nat: int) -> pd.Series:
+    """Inverse of ``_micros``: int64 microseconds -> a UTC timestamp Series."""
+    raw = np.where(micros == nat, np.iinfo(np.int64).min, micros).astype(np.int64)
+    return pd.Series(raw.view("M8[us]")).dt.tz_localize("UTC")
+
+
+def _canonical_order(
+    int_keys: Sequence[np.ndarray], str_keys: Sequence[pa.Array | pd.Series | np.ndarray]
+) -> np.ndarray:
+    """Row order by the integer keys, then the string keys, all ascending.
+
+    Integer keys are packed into as few int64 words as their ranges allow and sorted in
+    one or two passes (``np.lexsort`` is several times slower). Strings are compared only
+    inside runs where every integer key ties, so a string sort is paid for the ties alone.
+    Rows equal on every key keep an arbitrary order: give keys that identify a row.
+    """
+    n = len(int_keys[0])
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    packed = _pack_keys([np.asarray(key, dtype=np.int64) for key in int_keys])
+    order = np.argsort(packed[-1])
+    for key in reversed(packed[:-1]):
+        order = order[np.argsort(key[order], kind="stable")]
+    same = np.ones(n - 1, dtype=bool)
+    for key in packed:
+        ordered = key[order]
+        same &= ordered[1:] == ordered[:-1]
+    if not same.any() or not str_keys:
+        return order
+    in_tie = np.zeros(n, dtype=bool)
+    in_tie[1:] |= same
+    in_tie[:-1] |= same
+    run = np.cumsum(np.concatenate([[True], ~same]))
+    rows = order[in_tie]
+    ties = pd.DataFrame({"run": run[in_tie], "row": rows})
+    names = []
+    for position, key in enumerate(str_keys):
+        name = f"key{position}"
+        ties[name] = _take_objects(key, rows)
+        names.append(name)
+    ties = ties.sort_values(["run", *names, "row"], kind="stable", na_position="last")
+    order = order.copy()
+    order[in_tie] = ties["row"].to_numpy()
+    return order
+
+
+def _pack_keys(keys: list[np.ndarray]) -> list[np.ndarray]:
+    """Combine sort keys (most significant first) into fewer int64 keys, same order."""
+    packed: list[np.ndarray] = []
+    word: np.ndarray | None = None
+    bits_used = 0
+    for key in reversed(keys):
+        low, high = int(key.min()), int(key.max())
+        bits = (high - low).bit_length()
+        if word is not None and bits_used + bits <= 62:
+            word = word | ((key - np.int64(low)) << np.int64(bits_used))
+            bits_used += bits
+            continue
+        if word is not None:
+            packed.append(word)
+        if bits <= 62:
+            word, bits_used = key - np.int64(low), bits
+        else:
+            word, bits_used = key, 64
+    packed.append(word)
+    return packed[::-1]
+
+
+def _group_argmin(
+    groups: np.ndarray,
+    n_groups: int,
+    int_keys: Sequence[np.ndarray],
+    tiebreak: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+) -> np.ndarray:
+    """For each non-empty group, the row with the lexicographically smallest key.
+
+    The integer keys are compared one after the other with O(n) passes; rows still tied
+    after them are ordered by ``tiebreak(rows)`` (a list of sortable arrays for those
+    rows), which callers use for string keys so that strings are only compared on ties.
+    Returns the winning row indices in group order (empty groups are skipped).
+    """
+    rows = np.arange(len(groups))
+    for key in int_keys:
+        key = np.asarray(key, dtype=np.int64)
+        best = np.full(n_groups, _I64_MAX, dtype=np.int64)
+        np.minimum.at(best, groups[rows], key[rows])
+        rows = rows[key[rows] == best[groups[rows]]]
+    per_group = np.bincount(groups[rows], minlength=n_groups)
+    winner = np.full(n_groups, -1, dtype=np.int64)
+    single = per_group[groups[rows]] == 1
+    winner[groups[rows[single]]] = rows[single]
+    tied = rows[~single]
+    if len(tied):
+        extra = tiebreak(tied) if tiebreak is not None else []
+        ties = pd.DataFrame({"group": groups[tied], "row": tied})
+        names = []
+        for position, key in enumerate(extra):
+            name = f"key{position}"
+            ties[name] = np.asarray(key)
+            names.append(name)
+        ties = ties.sort_values(["group", *names], kind="stable", na_position="last")
+        first = ties.drop_duplicates("group")
+        winner[first["group"].to_numpy()] = first["row"].to_numpy()
+    return winner[winner >= 0]
