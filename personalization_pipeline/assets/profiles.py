@@ -84,7 +84,7 @@ def identity_and_profiles(context: dg.AssetExecutionContext, lake: LakeResource)
     limits = IdentityLimits.from_yaml(LIMITS_FILE)
     rules = load_conflict_rules(RULES_FILE)
     result = resolve_identities(current, limits)
-    profiles, provenance = build_profiles(current, result.record_profiles, rules)
+    profiles, provenance = build_profiles(current, result.record_profiles, rules, identity_map=result.identity_map)
 
     previous = target.read_table("record_profiles")
     changes = (
