@@ -141,16 +141,16 @@ def main(argv: list[str] | None = None) -> int:
                 family.extend(psutil.Process(proc.pid).children(recursive=True))
             except psutil.NoSuchProcess:
                 pass
+        # Dagster first, so no run is cut off from the servers it talks to; then the rest.
         for name, proc in reversed(children):
             if proc.poll() is None:
                 # dagster dev shuts its daemon, webserver and code servers down on SIGINT.
                 proc.send_signal(signal.SIGINT if name == "dagster dev" else signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for _, proc in children:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=30 if name == "dagster dev" else 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=5)
         for leftover in family:
             try:
                 leftover.terminate()
