@@ -57,7 +57,8 @@ def world(tmp_path, monkeypatch):
             "state": StateStoreResource(),
             "runtime": RuntimeResource(lag_seconds=60, now_override=RUN_NOW),
         }
-        yield sandbox, clock, resources, tmp_path
+        with dg.instance_for_test() as instance:
+            yield sandbox, clock, resources, tmp_path, instance
 
 
 def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
@@ -67,11 +68,11 @@ def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict:
 
 
 def test_whole_loop_over_real_http(world):
-    sandbox, clock, resources, tmp = world
+    sandbox, clock, resources, tmp, instance = world
     hub, chimp = sandbox.hubspot_state, sandbox.mailchimp_state
 
     # First load: everything changed before the first partition.
-    snap = dg.materialize([source_snapshot], resources=resources)
+    snap = dg.materialize([source_snapshot], resources=resources, instance=instance)
     assert snap.success
     meta = _metadata(snap, "source_snapshot")
     assert meta["crm_contacts"] == len(hub.ground_truth(None, _ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
@@ -81,7 +82,7 @@ def test_whole_loop_over_real_http(world):
     clock.advance((EDIT_TIME - WORLD_NOW).total_seconds())
     edited_contacts = set(hub.mutate(25))
     edited_members = set(chimp.mutate(20))
-    pulled = dg.materialize([crm_contacts, esp_members], resources=resources, partition_key=PARTITION)
+    pulled = dg.materialize([crm_contacts, esp_members], resources=resources, partition_key=PARTITION, instance=instance)
     assert pulled.success
     crm_meta = _metadata(pulled, "crm_contacts")
     truth = {c["id"] for c in hub.ground_truth(_ms(EDIT_TIME.replace(minute=0)), _ms(EDIT_TIME.replace(minute=49)))}
@@ -105,12 +106,12 @@ def test_whole_loop_over_real_http(world):
             ingest.url, sandbox.shop_url, "test-write-key", "test-shopify-secret", rate=400, count=300, seed=5
         )
     assert stats.failed == 0
-    streamed = dg.materialize([stream_events], resources=resources)
+    streamed = dg.materialize([stream_events], resources=resources, instance=instance)
     assert streamed.success
     assert _metadata(streamed, "stream_events")["dagster/row_count"] >= 250
 
     # Profiles and the push.
-    profiles_run = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources)
+    profiles_run = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources, instance=instance)
     assert profiles_run.success
     profiles = pd.read_parquet(tmp / "lake" / "tables" / "resolved_profiles.parquet")
     assert 0 < len(profiles) < 400 * 3
@@ -131,6 +132,26 @@ def test_whole_loop_over_real_http(world):
     assert any(m["merge_fields"]["ORDERS"] not in ("", 0) for m in sent)
 
     # Nothing changed: the next push sends nothing.
-    again = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources)
+    again = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources, instance=instance)
     assert _metadata(again, "esp_attribute_sync")["members_sent"] == 0
     assert len([p for p in chimp.pushes if p["members"]]) == len(batch_pushes)
+
+    # No secret and no clear-text address reached Dagster's event log.
+    config = sandbox.config
+    secrets = [
+        config.hubspot_client_secret, config.hubspot_refresh_token, config.mailchimp_access_token,
+        "test-write-key", "test-shopify-secret",
+        *list(sandbox.hubspot_auth._access),  # every access token the sandbox issued
+    ]
+    member_emails = [m["email_address"] for m in sent[:50]]
+    assert len(secrets) > 5
+    scanned = 0
+    for run in instance.get_runs():
+        for record in instance.all_logs(run.run_id):
+            scanned += 1
+            text = str(record)
+            for secret in secrets:
+                assert secret not in text, "a secret reached the event log"
+            for email in member_emails:
+                assert email not in text, "a clear-text address reached the event log"
+    assert scanned > 50
