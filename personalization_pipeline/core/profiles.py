@@ -48,20 +48,7 @@ from personalization_pipeline.core.identity import (
     record_keys,
     record_order,
 )
-from personalization_pipeline.core.rules import ConflictRules
-
-AGGREGATE_COLUMNS = (
-    "order_count",
-    "lifetime_value",
-    "last_order_at",
-    "cart_value",
-    "cart_items",
-    "cart_started_at",
-    "last_viewed_product",
-    "last_email_open_at",
-    "last_email_click_at",
-    "last_seen_at",
-)
+from personalization_pipeline.core.rules import AGGREGATE_COLUMNS, ConflictRules
 PROVENANCE_COLUMNS = (
     "profile_id",
     "attribute",

@@ -41,10 +41,7 @@ READABLE_COLUMNS = tuple(
 )
 """Canonical columns a rule may read: the string-valued observation and event columns."""
 
-RESERVED_NAMES = (
-    "profile_id",
-    "primary_email",
-    "emails",
+AGGREGATE_COLUMNS = (
     "order_count",
     "lifetime_value",
     "last_order_at",
@@ -56,6 +53,8 @@ RESERVED_NAMES = (
     "last_email_click_at",
     "last_seen_at",
 )
+"""Profile columns computed from events, not by conflict rules."""
+RESERVED_NAMES = ("profile_id", "primary_email", "emails", *AGGREGATE_COLUMNS)
 """Columns of resolved_profiles that are not rule attributes; a rule may not take them."""
 
 _ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
