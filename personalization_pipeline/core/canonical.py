@@ -81,7 +81,7 @@ CANONICAL_COLUMNS = tuple(CANONICAL_SCHEMA.names)
 RECORD_KEY = ("source", "source_record_id", "observed_at")
 """Staged history is keyed by this: one row per version of a source record."""
 
-_BLOCKED = {"", "null", "none", "undefined", "unknown", "0", "-1"}
+BLOCKED_VALUES = frozenset({"", "null", "none", "undefined", "unknown", "0", "-1"})
 _ZEROS_AND_DASHES = re.compile(r"^[0-]*$")
 
 
@@ -90,7 +90,7 @@ def is_blocked_identifier(value: object) -> bool:
     if value is None or (isinstance(value, float) and value != value):
         return True
     text = str(value).strip().lower()
-    return text in _BLOCKED or bool(_ZEROS_AND_DASHES.match(text))
+    return text in BLOCKED_VALUES or bool(_ZEROS_AND_DASHES.match(text))
 
 
 def normalise_identifier(kind: str, value: object) -> str | None:
@@ -109,7 +109,7 @@ def normalise_identifiers(frame: pd.DataFrame) -> pd.DataFrame:
         if kind == "email":
             col = col.str.lower()
         lowered = col.str.lower()
-        blocked = lowered.isin(_BLOCKED) | lowered.str.fullmatch(r"[0-]*").fillna(True)
+        blocked = lowered.isin(BLOCKED_VALUES) | lowered.str.fullmatch(r"[0-]*").fillna(True)
         out[kind] = col.mask(blocked | col.isna(), None).astype(object)
     return out
 

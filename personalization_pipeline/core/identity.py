@@ -37,7 +37,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from personalization_pipeline.core.canonical import (
-    _BLOCKED,
+    BLOCKED_VALUES,
     IDENTIFIER_TYPES,
     SOURCES,
 )
@@ -600,7 +600,7 @@ def normalise_values(kind: str, values: pa.Array) -> pa.Array:
         stripped = pc.utf8_lower(stripped)
     lowered = pc.utf8_lower(stripped)
     blocked = pc.or_(
-        pc.is_in(lowered, value_set=pa.array(sorted(_BLOCKED), type=lowered.type)),
+        pc.is_in(lowered, value_set=pa.array(sorted(BLOCKED_VALUES), type=lowered.type)),
         pc.match_substring_regex(lowered, r"^[0-]*$"),
     )
     return pc.if_else(blocked, pa.scalar(None, type=stripped.type), stripped).cast(
