@@ -11,7 +11,13 @@ import os
 import dagster as dg
 
 from personalization_pipeline.assets.profiles import identity_and_profiles
-from personalization_pipeline.assets.sources import crm_contacts, esp_members, source_snapshot, stream_events
+from personalization_pipeline.assets.sources import (
+    crm_contacts,
+    esp_engagement,
+    esp_members,
+    source_snapshot,
+    stream_events,
+)
 from personalization_pipeline.assets.sync import esp_attribute_sync
 from personalization_pipeline.jobs import profile_job, snapshot_job, source_pull_job, stream_job
 from personalization_pipeline.resources.hubspot import HubSpotResource
@@ -27,6 +33,7 @@ from personalization_pipeline.sensors import (
     profile_refresh_sensor,
     run_failure_alert_sensor,
 )
+from personalization_pipeline.settings import env_float
 
 
 def _opt(**fields: str) -> dict:
@@ -38,10 +45,19 @@ def _opt(**fields: str) -> dict:
     return out
 
 
+def _breaker() -> dict:
+    """The vendor circuit breakers' settings (the same for every vendor)."""
+    return {
+        "breaker_failure_threshold": int(env_float("PP_BREAKER_FAILURES", 5)),
+        "breaker_cooldown_seconds": env_float("PP_BREAKER_COOLDOWN_SECONDS", 60),
+    }
+
+
 def build_resources() -> dict:
     return {
         "hubspot": HubSpotResource(
             base_url=os.environ.get("HUBSPOT_BASE_URL", "https://api.hubapi.com"),
+            **_breaker(),
             **_opt(
                 token_url="HUBSPOT_TOKEN_URL",
                 client_id="HUBSPOT_CLIENT_ID",
@@ -52,9 +68,11 @@ def build_resources() -> dict:
         ),
         "mailchimp": MailchimpResource(
             list_id=os.environ.get("MAILCHIMP_LIST_ID", ""),
+            **_breaker(),
             metadata_url=os.environ.get(
                 "MAILCHIMP_METADATA_URL", "https://login.mailchimp.com/oauth2/metadata"
             ),
+            campaign_lookback_days=float(os.environ.get("MAILCHIMP_CAMPAIGN_LOOKBACK_DAYS", "30")),
             **_opt(access_token="MAILCHIMP_ACCESS_TOKEN", api_key="MAILCHIMP_API_KEY", api_base="MAILCHIMP_API_BASE"),
         ),
         "shop": ShopResource(
@@ -68,7 +86,15 @@ def build_resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=[crm_contacts, esp_members, source_snapshot, stream_events, identity_and_profiles, esp_attribute_sync],
+    assets=[
+        crm_contacts,
+        esp_members,
+        esp_engagement,
+        source_snapshot,
+        stream_events,
+        identity_and_profiles,
+        esp_attribute_sync,
+    ],
     jobs=[source_pull_job, snapshot_job, profile_job, stream_job],
     schedules=[source_pull_schedule],
     sensors=[landing_zone_sensor, profile_refresh_sensor, initial_snapshot_sensor, run_failure_alert_sensor],

@@ -15,6 +15,7 @@ def test_asset_keys():
     assert keys == {
         "crm_contacts",
         "esp_members",
+        "esp_engagement",
         "source_snapshot",
         "stream_events",
         "identity_map",
@@ -48,7 +49,9 @@ def test_partitions_and_upstream_edges():
     assert isinstance(crm.partitions_def, dg.TimeWindowPartitionsDefinition)
     assert crm.partitions_def.cron_schedule == "0 * * * *"
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("resolved_profiles")).parent_keys}
-    assert parents == {"crm_contacts", "esp_members", "source_snapshot", "stream_events"}
+    assert parents == {"crm_contacts", "esp_members", "esp_engagement", "source_snapshot", "stream_events"}
+    engagement = graph.get(dg.AssetKey("esp_engagement"))
+    assert engagement.partitions_def == crm.partitions_def
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("esp_attribute_sync")).parent_keys} == {
         "resolved_profiles", "identity_map",
     }

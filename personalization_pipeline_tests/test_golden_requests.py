@@ -120,3 +120,29 @@ def test_mailchimp_shapes(recorder):
     assert_matches(rec.sent[1], "mailchimp_members_window.json")
     assert_matches(rec.sent[2], "mailchimp_create_merge_field.json")
     assert_matches(rec.sent[3], "mailchimp_batch_update.json")
+
+
+def test_mailchimp_engagement_shapes(recorder):
+    def responses(request):
+        path = urlsplit(request.url).path
+        if path == "/oauth2/metadata":
+            return 200, {"dc": "us9", "api_endpoint": "https://us9.api.mailchimp.com"}
+        if path == "/3.0/campaigns":
+            return 200, {"campaigns": [{"id": "goldencamp", "send_time": "2026-06-20T09:00:00+00:00"}], "total_items": 1}
+        return 200, {"emails": [], "campaign_id": "goldencamp", "total_items": 0}
+
+    rec = recorder(responses)
+    client = MailchimpClient(
+        access_token="golden-mc-token",
+        api_key=None,
+        metadata_url="https://login.mailchimp.com/oauth2/metadata",
+        api_base=None,
+    )
+    start = datetime(2026, 7, 1, tzinfo=timezone.utc)
+    end = datetime(2026, 7, 1, 1, tzinfo=timezone.utc)
+    campaigns = client.campaigns_sent_since(datetime(2026, 6, 1, tzinfo=timezone.utc), before=end, list_id="goldenlist")
+    assert [c["id"] for c in campaigns] == ["goldencamp"]
+    assert list(client.email_activity("goldencamp", start)) == []
+    assert len(rec.sent) == 3
+    assert_matches(rec.sent[1], "mailchimp_campaigns_sent.json")
+    assert_matches(rec.sent[2], "mailchimp_email_activity.json")

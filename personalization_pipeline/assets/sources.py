@@ -1,5 +1,5 @@
-"""Source assets: CRM contacts and ESP members pulled by time window over OAuth, the
-first-load snapshot, and the stream events landed by the ingest service."""
+"""Source assets: CRM contacts, ESP members and ESP engagement pulled by time window over
+OAuth, the first-load snapshot, and the stream events landed by the ingest service."""
 
 
 from datetime import datetime, timezone
@@ -14,11 +14,12 @@ from personalization_pipeline.core.push import load_field_mapping
 from personalization_pipeline.core.sources import (
     crm_contacts_to_canonical,
     drop_unchanged_versions,
+    esp_engagement_to_canonical,
     esp_members_to_canonical,
 )
 from personalization_pipeline.partitions import source_partitions
 from personalization_pipeline.resources.hubspot import HubSpotResource
-from personalization_pipeline.resources.http import VendorError
+from personalization_pipeline.resources.http import CircuitOpenError, VendorError
 from personalization_pipeline.resources.lake import Lake, LakeResource
 from personalization_pipeline.resources.mailchimp import MailchimpResource
 from personalization_pipeline.resources.runtime import RuntimeResource
@@ -50,6 +51,10 @@ def _stage(lake: Lake, source: str, batch: str, frame: pd.DataFrame) -> dict[str
 
 def _vendor_failure(exc: VendorError) -> dg.Failure:
     # The message is already safe for the UI (no credentials); no retries on config errors.
+    if isinstance(exc, CircuitOpenError):
+        # The vendor is down: a Dagster retry would only add calls. Nothing is
+        # materialised, so downstream keeps the last good values until the breaker closes.
+        return dg.Failure(description=str(exc), allow_retries=False, metadata=exc.as_metadata())
     return dg.Failure(description=str(exc), allow_retries=exc.status is None or exc.status >= 429)
 
 
@@ -115,6 +120,52 @@ def esp_members(
             "dagster/row_count": counts["rows_total"],
             "rows_pulled": len(members),
             **counts,
+            **client.stats.as_metadata(),
+            "window_start": start.isoformat(),
+            "window_end": max(start, end).isoformat(),
+            "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=source_partitions,
+    group_name="sources",
+    kinds={"mailchimp", "parquet"},
+    retry_policy=PULL_RETRY,
+)
+def esp_engagement(
+    context: dg.AssetExecutionContext, mailchimp: MailchimpResource, lake: LakeResource, runtime: RuntimeResource
+) -> dg.MaterializeResult:
+    """Opens, clicks and unsubscribes whose time falls in the partition's hour, read from the
+    email-activity reports of campaigns sent in the preceding `campaign_lookback_days`, and
+    staged as canonical `esp` events (unsubscribes also observe `email_consent`). Each
+    activity has a stable id, so re-running the hour never doubles an event. Bounces are
+    counted, not staged: they are no event in the vocabulary."""
+    start, end, now = _window(context, runtime)
+    client = mailchimp.get_client()
+    emails: list[dict] = []
+    campaigns: list[dict] = []
+    if end > start:
+        lookback = pd.Timedelta(days=mailchimp.campaign_lookback_days).to_pytimedelta()
+        try:
+            campaigns = client.campaigns_sent_since(start - lookback, before=end, list_id=mailchimp.list_id)
+            for campaign in campaigns:
+                for page in client.email_activity(campaign["id"], start):
+                    emails.extend(page)
+        except VendorError as exc:
+            raise _vendor_failure(exc) from None
+    frame, activity = esp_engagement_to_canonical(emails, now, start, end)
+    counts = _stage(lake.get_lake(), "engagement", context.partition_key, frame)
+    events = frame["event_type"].value_counts()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": counts["rows_total"],
+            "rows_pulled": len(frame),
+            **counts,
+            **activity,
+            **{f"rows_{kind}": int(events.get(kind, 0)) for kind in ("email_opened", "email_clicked", "unsubscribed")},
+            "campaigns": len(campaigns),
             **client.stats.as_metadata(),
             "window_start": start.isoformat(),
             "window_end": max(start, end).isoformat(),

@@ -13,7 +13,7 @@ from personalization_pipeline.core.push import (
     load_field_mapping,
     mask_email,
 )
-from personalization_pipeline.resources.http import VendorError
+from personalization_pipeline.resources.http import CircuitOpenError, VendorError
 from personalization_pipeline.resources.lake import LakeResource
 from personalization_pipeline.resources.mailchimp import BATCH_LIMIT, MailchimpResource, subscriber_hash
 from personalization_pipeline.resources.runtime import RuntimeResource
@@ -99,6 +99,7 @@ def esp_attribute_sync(
         raise dg.Failure(
             description=f"push stopped after {acknowledged} acknowledged members: {exc}",
             metadata={"members_acknowledged": acknowledged},
+            allow_retries=not isinstance(exc, CircuitOpenError),
         ) from None
 
     context.log.info(f"pushed {acknowledged} members ({failed} failed) of {len(desired)} mapped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Iterable
 
@@ -116,3 +117,78 @@ def drop_unchanged_versions(new: pd.DataFrame, existing: pd.DataFrame) -> pd.Dat
         same &= pd.Series(left == right, index=new.index)
     newer = pd.Series(new["observed_at"].to_numpy() > prior["observed_at"].to_numpy(), index=new.index)
     return new[~(known & same & newer)]
+
+
+ESP_ACTIVITY_EVENTS = {"open": "email_opened", "click": "email_clicked", "unsub": "unsubscribed"}
+"""Mailchimp email-activity actions -> canonical event types. Bounces are no event in the
+vocabulary: they are counted, not staged."""
+
+
+def esp_activity_record_id(campaign_id: str, recipient: str, action: str, timestamp: datetime) -> str:
+    """A stable id for one activity, so a re-pull writes the same row. `recipient` is the
+    subscriber hash (md5 of the lower-cased email), which is Mailchimp's `email_id`."""
+    stamp = pd.Timestamp(timestamp).tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    digest = hashlib.sha256(f"{campaign_id}|{recipient}|{action}|{stamp}".encode("utf-8")).hexdigest()
+    return f"mc-activity:{digest[:32]}"
+
+
+def esp_engagement_to_canonical(
+    emails: Iterable[dict],
+    received_at: datetime,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Mailchimp email-activity entries (`{campaign_id, email_id, email_address,
+    activity: [{action, timestamp}]}`) -> canonical event rows, one per open, click or
+    unsubscribe with its timestamp in [start, end). An unsubscribe also observes
+    `email_consent` = unsubscribed. Returns the rows and counts for the run's metadata:
+    activity_total, activity_outside_window, bounces, activity_unknown, activity_duplicate.
+    """
+    counts = dict.fromkeys(
+        ("activity_total", "activity_outside_window", "bounces", "activity_unknown", "activity_duplicate"), 0
+    )
+    lo = pd.Timestamp(start).tz_convert("UTC") if start is not None else None
+    hi = pd.Timestamp(end).tz_convert("UTC") if end is not None else None
+    rows: dict[str, dict] = {}
+    for entry in emails:
+        email = _blank_to_none(entry.get("email_address"))
+        recipient = _blank_to_none(entry.get("email_id")) or (
+            hashlib.md5(email.lower().encode("utf-8")).hexdigest() if email else None
+        )
+        campaign_id = str(entry.get("campaign_id") or "")
+        for act in entry.get("activity") or []:
+            counts["activity_total"] += 1
+            action = str(act.get("action") or "").lower()
+            try:
+                moment = pd.Timestamp(act.get("timestamp"))
+                moment = moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
+            except (TypeError, ValueError):
+                moment = None
+            if moment is not None and ((lo is not None and moment < lo) or (hi is not None and moment >= hi)):
+                counts["activity_outside_window"] += 1
+                continue
+            if action == "bounce":
+                counts["bounces"] += 1
+                continue
+            event_type = ESP_ACTIVITY_EVENTS.get(action)
+            if event_type is None or moment is None or email is None or recipient is None:
+                counts["activity_unknown"] += 1
+                continue
+            record_id = esp_activity_record_id(campaign_id, recipient, action, moment)
+            if record_id in rows:
+                counts["activity_duplicate"] += 1
+                continue
+            rows[record_id] = {
+                "source": "esp",
+                "source_class": "esp",
+                "source_record_id": record_id,
+                "observed_at": moment,
+                "received_at": received_at,
+                "record_kind": "event",
+                "event_type": event_type,
+                "is_deleted": False,
+                "email": email,
+                "email_consent": "unsubscribed" if event_type == "unsubscribed" else None,
+            }
+    frame = canonical.to_frame(list(rows.values())) if rows else canonical.empty_frame()
+    return frame, counts

@@ -3,6 +3,10 @@
 429 honours Retry-After (and pushes the shared bucket back, so other processes wait too);
 5xx, timeouts and dropped connections are retried with exponential backoff and full
 jitter, bounded. Errors name the vendor, method, path and status, never a credential.
+
+With a circuit breaker (shared by every process using the account), a logical request
+that fails after those retries counts against the vendor; once the breaker is open,
+`send` raises `CircuitOpenError` at once, without a call or a retry.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from datetime import datetime, timezone
+from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 import requests
 
+from personalization_pipeline.core.breaker import CLOSED, HALF_OPEN, Admission, BreakerPolicy, BreakerState
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
 from personalization_pipeline.core.ratelimit import backoff_delay
 
@@ -35,6 +41,61 @@ class VendorAuthError(VendorError):
     """Credentials were rejected even after a refresh."""
 
 
+class VendorUnavailableError(VendorError):
+    """5xx, timeouts or dropped connections outlasted the retries: counts against the
+    vendor's circuit breaker."""
+
+
+def _utc(epoch: float | None) -> str:
+    if epoch is None:
+        return "an unknown time"
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class CircuitOpenError(VendorError):
+    """The vendor's circuit breaker is open: nothing was sent. Not worth retrying before
+    `retry_at` (epoch seconds)."""
+
+    def __init__(self, vendor: str, state: BreakerState, policy: BreakerPolicy) -> None:
+        self.vendor = vendor
+        self.breaker = state
+        self.opened_at = state.opened_at
+        self.retry_at = state.retry_at(policy)
+        if state.state == HALF_OPEN:
+            message = (
+                f"{vendor} circuit breaker is half-open (open since {_utc(state.opened_at)}): another "
+                f"request is probing whether {vendor} is back; no request is sent before "
+                f"{_utc(self.retry_at)}"
+            )
+        else:
+            message = (
+                f"{vendor} circuit breaker is open since {_utc(state.opened_at)} after {state.failures} "
+                f"consecutive failed requests; no request is sent until {_utc(self.retry_at)}, when one "
+                f"probe request will try again"
+            )
+        if state.last_error:
+            message += f". Last error: {state.last_error}"
+        super().__init__(message, status=None)
+
+    def as_metadata(self) -> dict[str, str | int]:
+        return {
+            "circuit_state": self.breaker.state,
+            "breaker_failures": self.breaker.failures,
+            "breaker_open_since": _utc(self.opened_at),
+            "breaker_retry_at": _utc(self.retry_at),
+        }
+
+
+class Breaker(Protocol):
+    """What the loop needs from a circuit breaker (`SharedCircuitBreaker`)."""
+
+    policy: BreakerPolicy
+
+    def admit(self) -> tuple[Admission, BreakerState]: ...
+
+    def record(self, admission: Admission, ok: bool | None, error: str = "") -> BreakerState: ...
+
+
 @dataclass
 class CallStats:
     """Counters reported as materialisation metadata."""
@@ -45,8 +106,10 @@ class CallStats:
     token_refreshes: int = 0
     wait_seconds: float = 0.0
     pages: int = 0
+    circuit_state: str = CLOSED
+    breaker_failures: int = 0
 
-    def as_metadata(self) -> dict[str, float]:
+    def as_metadata(self) -> dict[str, float | str]:
         return {
             "api_calls": self.api_calls,
             "http_429": self.http_429,
@@ -54,6 +117,8 @@ class CallStats:
             "token_refreshes": self.token_refreshes,
             "rate_limit_wait_seconds": round(self.wait_seconds, 3),
             "pages": self.pages,
+            "circuit_state": self.circuit_state,
+            "breaker_failures": self.breaker_failures,
         }
 
 
@@ -86,7 +151,8 @@ class RequestLoop:
 
     `before_attempt` runs before every attempt (rate limiting, connection slots);
     `on_429` receives the Retry-After so a shared bucket can be pushed back;
-    `on_401` may refresh credentials once and return True to retry.
+    `on_401` may refresh credentials once and return True to retry;
+    `breaker`, when given, is asked before and told after every logical request.
     """
 
     vendor: str
@@ -97,8 +163,38 @@ class RequestLoop:
     before_attempt: Callable[[str], float] | None = None
     on_429: Callable[[float], None] | None = None
     on_401: Callable[[], bool] | None = None
+    breaker: Breaker | None = None
 
     def send(self, method: str, url: str, *, limit_key: str = "default", **kwargs: Any) -> requests.Response:
+        if self.breaker is None:
+            return self._send(method, url, limit_key, self.policy.max_attempts, **kwargs)
+        admission, state = self.breaker.admit()
+        self._note(state)
+        if not admission.allowed:
+            raise CircuitOpenError(self.vendor, state, self.breaker.policy)
+        # A half-open breaker's probe is one attempt: retries would multiply calls to a
+        # vendor that may still be down.
+        attempts = 1 if admission.probe else self.policy.max_attempts
+        try:
+            response = self._send(method, url, limit_key, attempts, **kwargs)
+        except VendorUnavailableError as exc:
+            self._note(self.breaker.record(admission, False, str(exc)))
+            raise
+        except VendorError:
+            # The vendor answered (4xx, 401, an exhausted 429): it is up.
+            self._note(self.breaker.record(admission, True))
+            raise
+        except BaseException:
+            self._note(self.breaker.record(admission, None))
+            raise
+        self._note(self.breaker.record(admission, True))
+        return response
+
+    def _note(self, state: BreakerState) -> None:
+        self.stats.circuit_state = state.state
+        self.stats.breaker_failures = state.failures
+
+    def _send(self, method: str, url: str, limit_key: str, max_attempts: int, **kwargs: Any) -> requests.Response:
         what = f"{self.vendor} {describe(method, url)}"
         refreshed = False
         attempt = 0
@@ -112,8 +208,8 @@ class RequestLoop:
                 response = self.session_request(method, url, timeout=self.policy.timeout_seconds, **kwargs)
             except (requests.Timeout, requests.ConnectionError) as exc:
                 reason = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
-                if attempt >= self.policy.max_attempts:
-                    raise VendorError(f"{what} {reason} after {attempt} attempts") from None
+                if attempt >= max_attempts:
+                    raise VendorUnavailableError(f"{what} {reason} after {attempt} attempts") from None
                 self._sleep(attempt, None, what, reason)
                 continue
             if response.status_code == 401 and self.on_401 is not None and not refreshed:
@@ -128,8 +224,9 @@ class RequestLoop:
                     retry_after = retry_after_seconds(response)
                     if self.on_429 is not None:
                         self.on_429(retry_after if retry_after is not None else 1.0)
-                if attempt >= self.policy.max_attempts:
-                    raise VendorError(
+                if attempt >= max_attempts:
+                    error = VendorUnavailableError if response.status_code >= 500 else VendorError
+                    raise error(
                         f"{what} answered {response.status_code} {self._brief(response)} "
                         f"after {attempt} attempts",
                         status=response.status_code,

@@ -20,6 +20,7 @@ from pydantic import Field
 from requests_oauthlib import OAuth2Session
 
 from personalization_pipeline import settings
+from personalization_pipeline.core.breaker import BreakerPolicy
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
 from personalization_pipeline.core.ratelimit import RateLimit, backoff_delay
 from personalization_pipeline.resources.http import (
@@ -29,8 +30,9 @@ from personalization_pipeline.resources.http import (
     RetryPolicy,
     VendorAuthError,
     VendorError,
+    VendorUnavailableError,
 )
-from personalization_pipeline.resources.shared_state import SecretStore, SharedRateLimiter
+from personalization_pipeline.resources.shared_state import SecretStore, SharedCircuitBreaker, SharedRateLimiter
 
 DEFAULT_PROPERTIES = (
     "email",
@@ -104,8 +106,10 @@ class HubSpotClient:
         retry: RetryPolicy | None = None,
         clock: Clock = SYSTEM_CLOCK,
         account: str = "default",
+        breaker: SharedCircuitBreaker | None = None,
     ) -> None:
-        """`clock` times token lifetimes, rate limits and backoff. These are measured
+        """`breaker` (the account's shared circuit breaker) makes calls fail fast while
+        HubSpot is down. `clock` times token lifetimes, rate limits and backoff. These are measured
         against the vendor's real clock (and shared with other processes), so production
         code passes the system clock; tests may pass a manual one to avoid sleeping."""
         self.base_url = base_url.rstrip("/")
@@ -146,6 +150,7 @@ class HubSpotClient:
             before_attempt=self._before_attempt,
             on_429=self._on_429,
             on_401=self._on_401,
+            breaker=breaker,
         )
 
     # -- auth -------------------------------------------------------------------------
@@ -236,7 +241,7 @@ class HubSpotClient:
             except (_TransientTokenError, requests.RequestException) as exc:
                 reason = str(exc) if isinstance(exc, _TransientTokenError) else type(exc).__name__
                 if attempt == policy.max_attempts:
-                    raise VendorError(
+                    raise VendorUnavailableError(
                         f"HubSpot token endpoint failed ({reason}) after {attempt} attempts"
                     ) from None
                 self.stats.retries += 1
@@ -381,10 +386,26 @@ class HubSpotResource(dg.ConfigurableResource):
     max_attempts: int = 6
     timeout_seconds: float = 30
     account: str = "default"
+    breaker_failure_threshold: int = Field(
+        default=5, description="Consecutive failed requests (after retries) that open the circuit breaker."
+    )
+    breaker_cooldown_seconds: float = Field(
+        default=60, description="How long the open breaker refuses calls before one probe request."
+    )
     state_dir: Optional[str] = Field(default=None, description="Defaults to $PP_DATA_DIR/state.")
 
     def get_client(self) -> HubSpotClient:
         state = settings.state_dir(self.state_dir)
+        breaker = SharedCircuitBreaker(
+            state / "coordination.sqlite",
+            f"hubspot:{self.account}",
+            BreakerPolicy(
+                self.breaker_failure_threshold,
+                self.breaker_cooldown_seconds,
+                # A probe is one attempt; another caller may probe if it has not answered by then.
+                probe_lease_seconds=self.timeout_seconds + 10,
+            ),
+        )
         return HubSpotClient(
             base_url=self.base_url,
             token_url=self.token_url or f"{self.base_url.rstrip('/')}/oauth/v1/token",
@@ -398,4 +419,5 @@ class HubSpotResource(dg.ConfigurableResource):
             search_per_second=self.search_per_second,
             retry=RetryPolicy(max_attempts=self.max_attempts, timeout_seconds=self.timeout_seconds),
             account=self.account,
+            breaker=breaker,
         )

@@ -1,8 +1,10 @@
-from datetime import datetime, timezone
+import hashlib
+from datetime import datetime, timedelta, timezone
 
 from personalization_pipeline.core.sources import (
     crm_contacts_to_canonical,
     drop_unchanged_versions,
+    esp_engagement_to_canonical,
     esp_members_to_canonical,
 )
 
@@ -53,3 +55,40 @@ def test_a_version_with_nothing_new_is_dropped_but_a_change_is_kept():
     assert list(kept["source_record_id"]) == ["2"]
     changed = crm_contacts_to_canonical([contact("1", "2026-11-28T10:00:00Z", city="Hull")], NOW)
     assert len(drop_unchanged_versions(changed, old)) == 1
+
+
+def test_engagement_becomes_canonical_events_with_stable_ids():
+    start = datetime(2026, 11, 28, 10, tzinfo=timezone.utc)
+    entry = {
+        "campaign_id": "c1",
+        "email_id": hashlib.md5(b"ann@example.com").hexdigest(),
+        "email_address": "Ann@Example.com",
+        "activity": [
+            {"action": "open", "timestamp": "2026-11-28T10:00:00+00:00"},
+            {"action": "click", "timestamp": "2026-11-28T10:05:00+00:00", "url": "https://shop/x"},
+            {"action": "bounce", "timestamp": "2026-11-28T10:06:00+00:00", "type": "hard"},
+            {"action": "unsub", "timestamp": "2026-11-28T10:59:59+00:00"},
+            {"action": "open", "timestamp": "2026-11-28T11:00:00+00:00"},  # the next window's
+            {"action": "open", "timestamp": "2026-11-28T09:59:59+00:00"},  # the previous window's
+            {"action": "open", "timestamp": "2026-11-28T10:00:00Z"},  # the same open again
+            {"action": "ecomm", "timestamp": "2026-11-28T10:10:00+00:00"},
+        ],
+    }
+    received = datetime(2026, 11, 28, 12, tzinfo=timezone.utc)
+    frame, counts = esp_engagement_to_canonical([entry], received, start, start + timedelta(hours=1))
+    assert list(frame["event_type"]) == ["email_opened", "email_clicked", "unsubscribed"]
+    assert list(frame["email_consent"].fillna("-")) == ["-", "-", "unsubscribed"]
+    assert (frame["source"] == "esp").all() and (frame["source_class"] == "esp").all()
+    assert (frame["record_kind"] == "event").all() and frame["source_record_id"].is_unique
+    assert counts == {
+        "activity_total": 8,
+        "activity_outside_window": 2,
+        "bounces": 1,
+        "activity_unknown": 1,
+        "activity_duplicate": 1,
+    }
+    # The id depends on what happened, not on the pull: without `email_id` (derived from
+    # the address), in another timestamp spelling, received later, the ids are the same.
+    again = {**entry, "email_id": None, "activity": [{"action": "open", "timestamp": "2026-11-28T10:00:00.000Z"}]}
+    frame2, _ = esp_engagement_to_canonical([again], received + timedelta(days=1), start, start + timedelta(hours=1))
+    assert frame2["source_record_id"].iloc[0] == frame["source_record_id"].iloc[0]
