@@ -7,6 +7,7 @@ filled in few-minute slices by the pull schedule, and stays the unit a backfill 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import dagster as dg
 
@@ -24,4 +25,21 @@ source_partitions = dg.HourlyPartitionsDefinition(
     timezone="UTC",
     # The hour in progress is a partition too: the schedule fills it every few minutes.
     end_offset=1,
+)
+
+
+def _minutes(name: str, default: float) -> timedelta:
+    return timedelta(minutes=float(os.environ.get(name, "").strip() or default))
+
+
+SOURCE_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=_minutes("PP_SOURCE_FRESHNESS_FAIL_MINUTES", 30),
+    warn_window=_minutes("PP_SOURCE_FRESHNESS_WARN_MINUTES", 15),
+)
+"""A pull that has not landed for this long marks the source stale in the UI (an open
+circuit breaker or an outage); downstream keeps the last good values meanwhile."""
+
+PROFILE_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=_minutes("PP_PROFILE_FRESHNESS_FAIL_MINUTES", 30),
+    warn_window=_minutes("PP_PROFILE_FRESHNESS_WARN_MINUTES", 10),
 )

@@ -74,3 +74,10 @@ def test_workspace_loads_with_the_dagster_cli(tmp_path):
         env={**__import__("os").environ, "DAGSTER_HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sources_and_profiles_declare_freshness():
+    graph = defs.resolve_asset_graph()
+    for key in ("crm_contacts", "esp_members", "esp_engagement", "resolved_profiles"):
+        policy = graph.get(dg.AssetKey(key)).freshness_policy
+        assert policy is not None and policy.fail_window.to_timedelta().total_seconds() == 1800, key

@@ -16,6 +16,7 @@ from personalization_pipeline.core.identity import (
 from personalization_pipeline.core.profiles import build_profiles
 from personalization_pipeline.core.push import mask_email
 from personalization_pipeline.core.rules import config_hash, load_conflict_rules
+from personalization_pipeline.partitions import PROFILE_FRESHNESS
 from personalization_pipeline.resources.lake import LakeResource
 
 RULES_FILE = settings.CONFIG_DIR / "conflict_rules.yaml"
@@ -64,6 +65,7 @@ def _masked_sample(profiles: pd.DataFrame, provenance: pd.DataFrame) -> str:
         dg.AssetSpec("identity_conflicts", deps=UPSTREAM, group_name="profiles", kinds={"parquet"},
                      description="Edges rejected by the merge limits, with the reason."),
         dg.AssetSpec("resolved_profiles", deps=UPSTREAM, group_name="profiles", kinds={"parquet"},
+                     freshness_policy=PROFILE_FRESHNESS,
                      description="One row per person: resolved attributes by the conflict rules, and aggregates."),
         dg.AssetSpec("profile_attribute_provenance", deps=UPSTREAM, group_name="profiles", kinds={"parquet"},
                      description="For each profile and attribute: value, source, record, observed_at, tier."),

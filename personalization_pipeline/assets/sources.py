@@ -17,7 +17,7 @@ from personalization_pipeline.core.sources import (
     esp_engagement_to_canonical,
     esp_members_to_canonical,
 )
-from personalization_pipeline.partitions import source_partitions
+from personalization_pipeline.partitions import SOURCE_FRESHNESS, source_partitions
 from personalization_pipeline.resources.hubspot import HubSpotResource
 from personalization_pipeline.resources.http import CircuitOpenError, VendorError
 from personalization_pipeline.resources.lake import Lake, LakeResource
@@ -61,6 +61,7 @@ def _vendor_failure(exc: VendorError) -> dg.Failure:
 @dg.asset(
     partitions_def=source_partitions,
     group_name="sources",
+    freshness_policy=SOURCE_FRESHNESS,
     kinds={"hubspot", "parquet"},
     retry_policy=PULL_RETRY,
 )
@@ -96,6 +97,7 @@ def crm_contacts(
 @dg.asset(
     partitions_def=source_partitions,
     group_name="sources",
+    freshness_policy=SOURCE_FRESHNESS,
     kinds={"mailchimp", "parquet"},
     retry_policy=PULL_RETRY,
 )
@@ -131,6 +133,7 @@ def esp_members(
 @dg.asset(
     partitions_def=source_partitions,
     group_name="sources",
+    freshness_policy=SOURCE_FRESHNESS,
     kinds={"mailchimp", "parquet"},
     retry_policy=PULL_RETRY,
 )
