@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .conftest import SHOPIFY_SECRET, landed
-from .loadgen import run_load
+from bench.loadgen import run_load
 
 
 def test_loadgen_smoke(service, landing_dir):

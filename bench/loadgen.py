@@ -1,6 +1,6 @@
 """Load generator for the ingest service: one signed Shopify webhook per request.
 
-A benchmark helper, not a test: ``python -m personalization_pipeline_tests.ingest.loadgen
+A benchmark helper, not a test: ``python -m bench.loadgen
 --spawn --requests 20000 --concurrency 32`` starts the service as its own process (temp
 landing dir), drives it from this process over keep-alive loopback connections with
 pre-built, pre-signed requests, stops it, checks that every 2xx'd delivery is in the
@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_requests(n: int, host: str, secret: str) -> tuple[list[bytes], list[str]]:
