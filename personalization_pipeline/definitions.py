@@ -13,6 +13,7 @@ import dagster as dg
 from personalization_pipeline.assets.profiles import identity_and_profiles
 from personalization_pipeline.assets.sources import (
     crm_contacts,
+    crm_deletions,
     esp_engagement,
     esp_members,
     source_snapshot,
@@ -88,6 +89,7 @@ def build_resources() -> dict:
 defs = dg.Definitions(
     assets=[
         crm_contacts,
+        crm_deletions,
         esp_members,
         esp_engagement,
         source_snapshot,

@@ -13,8 +13,8 @@ PROFILE_WRITER_TAG = {"pp/writes-profiles": "true"}
 
 source_pull_job = dg.define_asset_job(
     "source_pull_job",
-    selection=["crm_contacts", "esp_members", "esp_engagement"],
-    description="Pull the CRM and the ESP (members and engagement) for one hourly window.",
+    selection=["crm_contacts", "crm_deletions", "esp_members", "esp_engagement"],
+    description="Pull the CRM (and its archived contacts) and the ESP (members and engagement) for one hourly window.",
 )
 
 snapshot_job = dg.define_asset_job(

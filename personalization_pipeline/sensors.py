@@ -19,7 +19,7 @@ from personalization_pipeline.schedules import default_status
 
 MAX_FILES_PER_RUN = 200
 PENDING_RETRY_SECONDS = 600
-SOURCE_KEYS = ("crm_contacts", "esp_members", "esp_engagement", "source_snapshot")
+SOURCE_KEYS = ("crm_contacts", "crm_deletions", "esp_members", "esp_engagement", "source_snapshot")
 
 
 def _sensor_status() -> dg.DefaultSensorStatus:

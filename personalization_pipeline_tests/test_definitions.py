@@ -14,6 +14,7 @@ def test_asset_keys():
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {
         "crm_contacts",
+        "crm_deletions",
         "esp_members",
         "esp_engagement",
         "source_snapshot",
@@ -49,7 +50,9 @@ def test_partitions_and_upstream_edges():
     assert isinstance(crm.partitions_def, dg.TimeWindowPartitionsDefinition)
     assert crm.partitions_def.cron_schedule == "0 * * * *"
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("resolved_profiles")).parent_keys}
-    assert parents == {"crm_contacts", "esp_members", "esp_engagement", "source_snapshot", "stream_events"}
+    assert parents == {
+        "crm_contacts", "crm_deletions", "esp_members", "esp_engagement", "source_snapshot", "stream_events",
+    }
     engagement = graph.get(dg.AssetKey("esp_engagement"))
     assert engagement.partitions_def == crm.partitions_def
     assert {k.to_user_string() for k in graph.get(dg.AssetKey("esp_attribute_sync")).parent_keys} == {

@@ -20,7 +20,7 @@ from personalization_pipeline.demo import check_port_free, PortInUse
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_ASSETS = [
-    "source_snapshot", "crm_contacts", "esp_members", "esp_engagement", "stream_events", "identity_map",
+    "source_snapshot", "crm_contacts", "crm_deletions", "esp_members", "esp_engagement", "stream_events", "identity_map",
     "identity_conflicts", "resolved_profiles", "profile_attribute_provenance", "esp_attribute_sync",
 ]
 

@@ -146,3 +146,19 @@ def test_mailchimp_engagement_shapes(recorder):
     assert len(rec.sent) == 3
     assert_matches(rec.sent[1], "mailchimp_campaigns_sent.json")
     assert_matches(rec.sent[2], "mailchimp_email_activity.json")
+
+
+def test_hubspot_archived_list_shape(recorder, tmp_path):
+    rec = recorder(lambda request: (200, {"results": []}))
+    client = HubSpotClient(
+        base_url="https://api.hubapi.com",
+        token_url="unused",
+        client_id=None,
+        client_secret=None,
+        refresh_token=None,
+        private_app_token="golden-private-app",
+        secret_store=SecretStore(tmp_path / "secrets.json"),
+        limiter=SharedRateLimiter(tmp_path / "coord.sqlite"),
+    )
+    assert list(client.archived_contacts()) == []
+    assert_matches(rec.sent[0], "hubspot_list_archived.json")

@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from personalization_pipeline.assets.profiles import identity_and_profiles
-from personalization_pipeline.assets.sources import crm_contacts, esp_members, source_snapshot, stream_events
+from personalization_pipeline.assets.sources import (
+    crm_contacts,
+    crm_deletions,
+    esp_members,
+    source_snapshot,
+    stream_events,
+)
 from personalization_pipeline.assets.sync import esp_attribute_sync
 from personalization_pipeline.core.clock import ManualClock
 from personalization_pipeline.ingest_service.app import start_ingest_service
@@ -135,6 +141,18 @@ def test_whole_loop_over_real_http(world):
     again = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources, instance=instance)
     assert _metadata(again, "esp_attribute_sync")["members_sent"] == 0
     assert len([p for p in chimp.pushes if p["members"]]) == len(batch_pushes)
+
+    # A contact archived in the CRM stops contributing; its history stays staged.
+    identity = pd.read_parquet(tmp / "lake" / "tables" / "identity_map.parquet")
+    crm_ids = set(identity.loc[identity["identifier_type"] == "crm_id", "identifier_value"])
+    gone = sorted(crm_ids - edited_contacts)[0]
+    hub.archive(gone)
+    swept = dg.materialize([crm_deletions, identity_and_profiles], resources=resources, instance=instance)
+    assert _metadata(swept, "crm_deletions")["archived_contacts"] >= 1
+    identity = pd.read_parquet(tmp / "lake" / "tables" / "identity_map.parquet")
+    assert gone not in set(identity.loc[identity["identifier_type"] == "crm_id", "identifier_value"])
+    again = dg.materialize([crm_deletions], resources=resources, instance=instance)
+    assert _metadata(again, "crm_deletions")["rows_new"] == 0  # the deletion is staged once
 
     # No secret and no clear-text address reached Dagster's event log.
     config = sandbox.config

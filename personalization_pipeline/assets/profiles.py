@@ -25,6 +25,7 @@ MAPPING_FILE = settings.CONFIG_DIR / "esp_field_mapping.yaml"
 
 UPSTREAM = [
     dg.AssetKey("crm_contacts"),
+    dg.AssetKey("crm_deletions"),
     dg.AssetKey("esp_members"),
     dg.AssetKey("esp_engagement"),
     dg.AssetKey("source_snapshot"),

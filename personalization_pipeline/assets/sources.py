@@ -13,6 +13,7 @@ from personalization_pipeline.core.events import envelopes_to_canonical, read_la
 from personalization_pipeline.core.push import load_field_mapping
 from personalization_pipeline.core.sources import (
     crm_contacts_to_canonical,
+    crm_deletions_to_canonical,
     drop_unchanged_versions,
     esp_engagement_to_canonical,
     esp_members_to_canonical,
@@ -90,6 +91,28 @@ def crm_contacts(
             "window_start": start.isoformat(),
             "window_end": max(start, end).isoformat(),
             "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+        }
+    )
+
+
+@dg.asset(group_name="sources", kinds={"hubspot", "parquet"}, retry_policy=PULL_RETRY)
+def crm_deletions(hubspot: HubSpotResource, lake: LakeResource, runtime: RuntimeResource) -> dg.MaterializeResult:
+    """Contacts archived in HubSpot, staged as deletion versions so they stop contributing
+    to profiles (search never returns archived contacts, so the window pulls cannot see
+    them leave). Runs with every pull; a deletion already staged is not staged twice."""
+    now = runtime.clock().now()
+    client = hubspot.get_client()
+    try:
+        records = [r for page in client.archived_contacts() for r in page]
+    except VendorError as exc:
+        raise _vendor_failure(exc) from None
+    counts = _stage(lake.get_lake(), "crm", "deletions", crm_deletions_to_canonical(records, now))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": counts["rows_total"],
+            "archived_contacts": len(records),
+            **counts,
+            **client.stats.as_metadata(),
         }
     )
 

@@ -192,3 +192,22 @@ def esp_engagement_to_canonical(
             }
     frame = canonical.to_frame(list(rows.values())) if rows else canonical.empty_frame()
     return frame, counts
+
+
+def crm_deletions_to_canonical(records: Iterable[dict], received_at: datetime) -> pd.DataFrame:
+    """Archived HubSpot contacts -> deletion versions (is_deleted, observed at `archivedAt`),
+    so the contact stops contributing from then on. Its staged history is kept."""
+    rows = [
+        {
+            "source": "crm",
+            "source_class": "crm",
+            "source_record_id": str(record["id"]),
+            "observed_at": record.get("archivedAt") or (record.get("properties") or {}).get("lastmodifieddate"),
+            "received_at": received_at,
+            "record_kind": "contact",
+            "is_deleted": True,
+            "crm_id": str(record["id"]),
+        }
+        for record in records
+    ]
+    return canonical.to_frame(rows) if rows else canonical.empty_frame()

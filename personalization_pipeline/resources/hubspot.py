@@ -338,6 +338,23 @@ class HubSpotClient:
             # Records at `last_ms` come again in the next query (GTE); nothing before it does.
             lower, lower_op = last_ms, "GTE"
 
+    def archived_contacts(self) -> Iterator[list[dict]]:
+        """Every archived contact (`archivedAt` says when), through the list endpoint with
+        `archived=true` (search never returns archived records), 100 per page."""
+        after: str | None = None
+        while True:
+            params = {"archived": "true", "limit": 100, "properties": "email,lastmodifieddate,hs_object_id"}
+            if after:
+                params["after"] = after
+            self.stats.pages += 1
+            payload = self._loop.json("GET", f"{self.base_url}/crm/v3/objects/contacts", params=params)
+            results = self._check_page(payload)
+            if results:
+                yield results
+            after = ((payload.get("paging") or {}).get("next") or {}).get("after")
+            if not after:
+                return
+
     def _drain_instant(self, instant_ms: int, props: list[str]) -> Iterator[list[dict]]:
         after_id = 0
         while True:
