@@ -27,6 +27,9 @@ from personalization_pipeline.resources.runtime import RuntimeResource
 from personalization_pipeline.resources.shop import ShopResource
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+BACKFILL_CHUNK = dg.BackfillPolicy.multi_run(max_partitions_per_run=24)
+"""A backfill pulls a day per run: few runs, each a bounded pull, and live ticks keep going
+between them (the run queue lets two backfill runs go at a time)."""
 PULL_RETRY = dg.RetryPolicy(
     max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
 )
@@ -43,11 +46,43 @@ def _window(context: dg.AssetExecutionContext, runtime: RuntimeResource) -> tupl
     return window.start, end, now
 
 
-def _stage(lake: Lake, source: str, batch: str, frame: pd.DataFrame) -> dict[str, int]:
+def _drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: bool) -> pd.DataFrame:
+    """ESP members only: our own push bumps a member's last_changed without any new fact
+    (the echo); such a version must not look newer than it is. CRM versions are staged as
+    pulled, so a partition holds exactly the contacts modified in its hour."""
+    return drop_unchanged_versions(frame, lake.read_staged(source)) if drop_unchanged else frame
+
+
+def _stage(lake: Lake, source: str, batch: str, frame: pd.DataFrame, drop_unchanged: bool = False) -> dict[str, int]:
     before = len(frame)
-    frame = drop_unchanged_versions(frame, lake.read_staged(source))
+    frame = _drop_echo(lake, source, frame, drop_unchanged)
     counts = lake.write_staged(source, batch, frame)
     return {"rows_unchanged": before - len(frame), **counts}
+
+
+def _stage_partitions(
+    lake: Lake, source: str, context: dg.AssetExecutionContext, frame: pd.DataFrame, drop_unchanged: bool = False
+) -> dict[str, int]:
+    """Stage a pull over one or more hourly partitions (a backfill chunk is several): each
+    partition's file gets exactly the versions observed in its hour."""
+    before = len(frame)
+    frame = _drop_echo(lake, source, frame, drop_unchanged)
+    totals = {"rows_unchanged": before - len(frame), "rows_new": 0, "rows_total": 0, "partitions": 0}
+    placed = 0
+    for key in context.partition_keys:
+        window = source_partitions.time_window_for_partition_key(key)
+        part = frame[(frame["observed_at"] >= window.start) & (frame["observed_at"] < window.end)]
+        counts = lake.write_staged(source, key, part)
+        placed += len(part)
+        totals["rows_new"] += counts["rows_new"]
+        totals["rows_total"] += counts["rows_total"]
+        totals["partitions"] += 1
+    if placed != len(frame):
+        raise dg.Failure(
+            description=f"{len(frame) - placed} {source} records were observed outside the pulled window; "
+            "the vendor answered outside the filter, nothing was staged for them"
+        )
+    return totals
 
 
 def _vendor_failure(exc: VendorError) -> dg.Failure:
@@ -63,6 +98,7 @@ def _vendor_failure(exc: VendorError) -> dg.Failure:
     partitions_def=source_partitions,
     group_name="sources",
     freshness_policy=SOURCE_FRESHNESS,
+    backfill_policy=BACKFILL_CHUNK,
     kinds={"hubspot", "parquet"},
     retry_policy=PULL_RETRY,
 )
@@ -81,7 +117,7 @@ def crm_contacts(
                 records.extend(page)
         except VendorError as exc:
             raise _vendor_failure(exc) from None
-    counts = _stage(lake.get_lake(), "crm", context.partition_key, crm_contacts_to_canonical(records, now))
+    counts = _stage_partitions(lake.get_lake(), "crm", context, crm_contacts_to_canonical(records, now))
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": counts["rows_total"],
@@ -121,6 +157,7 @@ def crm_deletions(hubspot: HubSpotResource, lake: LakeResource, runtime: Runtime
     partitions_def=source_partitions,
     group_name="sources",
     freshness_policy=SOURCE_FRESHNESS,
+    backfill_policy=BACKFILL_CHUNK,
     kinds={"mailchimp", "parquet"},
     retry_policy=PULL_RETRY,
 )
@@ -139,7 +176,7 @@ def esp_members(
         except VendorError as exc:
             raise _vendor_failure(exc) from None
     frame = esp_members_to_canonical(members, now, _echo_tags())
-    counts = _stage(lake.get_lake(), "esp", context.partition_key, frame)
+    counts = _stage_partitions(lake.get_lake(), "esp", context, frame, drop_unchanged=True)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": counts["rows_total"],
@@ -157,6 +194,7 @@ def esp_members(
     partitions_def=source_partitions,
     group_name="sources",
     freshness_policy=SOURCE_FRESHNESS,
+    backfill_policy=BACKFILL_CHUNK,
     kinds={"mailchimp", "parquet"},
     retry_policy=PULL_RETRY,
 )
@@ -182,7 +220,7 @@ def esp_engagement(
         except VendorError as exc:
             raise _vendor_failure(exc) from None
     frame, activity = esp_engagement_to_canonical(emails, now, start, end)
-    counts = _stage(lake.get_lake(), "engagement", context.partition_key, frame)
+    counts = _stage_partitions(lake.get_lake(), "engagement", context, frame)
     events = frame["event_type"].value_counts()
     return dg.MaterializeResult(
         metadata={
@@ -217,7 +255,7 @@ def source_snapshot(
         raise _vendor_failure(exc) from None
     target = lake.get_lake()
     crm = _stage(target, "crm", "snapshot", crm_contacts_to_canonical(contacts, now))
-    esp = _stage(target, "esp", "snapshot", esp_members_to_canonical(members, now, _echo_tags()))
+    esp = _stage(target, "esp", "snapshot", esp_members_to_canonical(members, now, _echo_tags()), drop_unchanged=True)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": crm["rows_total"] + esp["rows_total"],
