@@ -228,3 +228,15 @@ def test_token_endpoint_failures_are_retried(sandbox, tmp_path, kind):
     start, end = window()
     assert set(pull(client, start, end)) == truth(sandbox, start, end)
     assert client.stats.retries >= 2
+
+
+def test_more_records_at_one_timestamp_than_the_search_cap(tmp_path):
+    """The cap (10,000 at HubSpot; 300 here, so the test stays small) is never hit: one
+    instant is paged by hs_object_id, not by `after` offsets."""
+    config = SandboxConfig(seed=5, size=1500, hubspot_search_max_results=300)
+    with start_sandbox(config) as small_cap:
+        bulk = set(small_cap.hubspot_state.mutate(700))
+        end = datetime.now(timezone.utc) + timedelta(seconds=1)
+        ids = pull(hub(small_cap, tmp_path), end - timedelta(days=40), end)
+        truth_all = {c["id"] for c in small_cap.hubspot_state.ground_truth(None, int(end.timestamp() * 1000))}
+    assert len(ids) == len(set(ids)) and set(ids) == truth_all and bulk <= set(ids)
