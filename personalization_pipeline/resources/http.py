@@ -204,13 +204,17 @@ class RequestLoop:
                 self.stats.wait_seconds += self.before_attempt(limit_key)
             self.stats.api_calls += 1
             retry_after = None
+            failure = None
             try:
                 response = self.session_request(method, url, timeout=self.policy.timeout_seconds, **kwargs)
             except (requests.Timeout, requests.ConnectionError) as exc:
-                reason = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
+                failure = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
+            # Raised and slept outside the `except`, so errors and interruptions do not
+            # drag the network library's exception chain into the run's event log.
+            if failure is not None:
                 if attempt >= max_attempts:
-                    raise VendorUnavailableError(f"{what} {reason} after {attempt} attempts") from None
-                self._sleep(attempt, None, what, reason)
+                    raise VendorUnavailableError(f"{what} {failure} after {attempt} attempts")
+                self._sleep(attempt, None, what, failure)
                 continue
             if response.status_code == 401 and self.on_401 is not None and not refreshed:
                 refreshed = True
