@@ -121,11 +121,14 @@ def run_load(url: str, secret: str, n: int, concurrency: int) -> dict:
         return asyncio.run(_drive(url, requests, ids, concurrency))
 
 
-def spawn_service(landing_dir: Path, secret: str) -> tuple[subprocess.Popen, str]:
+def spawn_service(
+    landing_dir: Path, secret: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     env = {
         "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO),
         "INGEST_LANDING_DIR": str(landing_dir), "INGEST_WRITE_KEYS": "load-key",
         "SHOPIFY_WEBHOOK_SECRET": secret, "MAILCHIMP_WEBHOOK_SECRET": "load-mc",
+        **(extra_env or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "personalization_pipeline.ingest_service", "--port", "0",

@@ -10,6 +10,7 @@ import os
 
 import dagster as dg
 
+from personalization_pipeline.assets.kafka_events import kafka_events, kafka_offsets_sensor
 from personalization_pipeline.assets.profiles import identity_and_profiles
 from personalization_pipeline.assets.sources import (
     crm_contacts,
@@ -20,9 +21,11 @@ from personalization_pipeline.assets.sources import (
     stream_events,
 )
 from personalization_pipeline.assets.sync import esp_attribute_sync
-from personalization_pipeline.jobs import profile_job, snapshot_job, source_pull_job, stream_job
+from personalization_pipeline.jobs import kafka_stream_job, profile_job, snapshot_job, source_pull_job, stream_job
 from personalization_pipeline.resources.hubspot import HubSpotResource
+from personalization_pipeline.resources.kafka import KafkaResource
 from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.landing_zone import landing_zone_from_env
 from personalization_pipeline.resources.mailchimp import MailchimpResource
 from personalization_pipeline.resources.runtime import RuntimeResource
 from personalization_pipeline.resources.shop import ShopResource
@@ -81,6 +84,17 @@ def build_resources() -> dict:
             **_opt(access_token="SHOPIFY_ACCESS_TOKEN"),
         ),
         "lake": LakeResource(),
+        "kafka": KafkaResource(
+            bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", ""),
+            topic=os.environ.get("KAFKA_TOPIC", "pp.events"),
+            **_opt(
+                security_protocol="KAFKA_SECURITY_PROTOCOL",
+                sasl_mechanism="KAFKA_SASL_MECHANISM",
+                sasl_username="KAFKA_SASL_USERNAME",
+                sasl_password="KAFKA_SASL_PASSWORD",
+            ),
+        ),
+        "landing_zone": landing_zone_from_env(),
         "state": StateStoreResource(),
         "runtime": RuntimeResource(lag_seconds=PULL_LAG_SECONDS),
     }
@@ -94,12 +108,19 @@ defs = dg.Definitions(
         esp_engagement,
         source_snapshot,
         stream_events,
+        kafka_events,
         identity_and_profiles,
         esp_attribute_sync,
     ],
-    jobs=[source_pull_job, snapshot_job, profile_job, stream_job],
+    jobs=[source_pull_job, snapshot_job, profile_job, stream_job, kafka_stream_job],
     schedules=[source_pull_schedule],
-    sensors=[landing_zone_sensor, profile_refresh_sensor, initial_snapshot_sensor, run_failure_alert_sensor],
+    sensors=[
+        landing_zone_sensor,
+        kafka_offsets_sensor,
+        profile_refresh_sensor,
+        initial_snapshot_sensor,
+        run_failure_alert_sensor,
+    ],
     resources=build_resources(),
     executor=dg.in_process_executor,
 )

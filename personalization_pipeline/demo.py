@@ -1,7 +1,8 @@
 """`make demo`: the whole loop on one machine, no accounts anywhere.
 
-Starts the sandbox (HubSpot, Mailchimp, shop, alert sink), the ingest service, the event
-simulator and `dagster dev` with schedules and sensors running; prints the URLs; stops
+Starts the sandbox (HubSpot, Mailchimp, shop, alert sink), the ingest service, the Kafka
+broker (Tansu, in memory), the event simulator (a share of its events over Kafka, the
+rest over HTTP) and `dagster dev` with schedules and sensors running; prints the URLs; stops
 every child process on Ctrl-C.
 """
 
@@ -35,6 +36,11 @@ SANDBOX_CREDENTIALS = {
 }
 
 
+KAFKA_TOPIC = "pp.events"
+KAFKA_SHARE = 0.3
+"""The share of the simulator's requests published to Kafka; the rest go over HTTP."""
+
+
 class PortInUse(Exception):
     pass
 
@@ -64,6 +70,24 @@ def wait_http(url: str, seconds: float, proc: subprocess.Popen, name: str) -> No
     raise RuntimeError(f"{name} did not answer at {url} within {seconds:.0f} s")
 
 
+def wait_kafka(port: int, topic: str, seconds: float, proc: subprocess.Popen) -> None:
+    """Until the broker answers metadata with the topic (the broker CLI creates it)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Kafka broker exited with code {proc.returncode} while starting")
+        try:
+            if topic in admin.list_topics(timeout=1).topics:
+                return
+        except Exception:  # KafkaException while it starts
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the Kafka broker did not offer topic {topic} on port {port} within {seconds:.0f} s")
+
+
 def demo_environment(args: argparse.Namespace, root: Path) -> dict[str, str]:
     data = root / "data"
     home = root / "dagster_home"
@@ -88,6 +112,8 @@ def demo_environment(args: argparse.Namespace, root: Path) -> dict[str, str]:
             "MAILCHIMP_METADATA_URL": f"{host}:{args.mailchimp_port}/oauth2/metadata",
             "SHOP_BASE_URL": f"{host}:{args.shop_port}",
             "PP_ALERT_WEBHOOK_URL": f"{host}:{args.alerts_port}/alerts",
+            "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{args.kafka_port}",
+            "KAFKA_TOPIC": KAFKA_TOPIC,
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -102,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shop-port", type=int, default=8703)
     parser.add_argument("--alerts-port", type=int, default=8704)
     parser.add_argument("--ingest-port", type=int, default=8710)
+    parser.add_argument("--kafka-port", type=int, default=9092, help="the Kafka-protocol broker (Tansu)")
     parser.add_argument("--size", type=int, default=2000, help="synthetic people in the sandbox")
     parser.add_argument("--rate", type=float, default=3.0, help="simulated events per second")
     parser.add_argument("--edits-per-minute", type=float, default=30, help="sandbox CRM/ESP edits per minute")
@@ -117,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             ("--shop-port", args.shop_port),
             ("--alerts-port", args.alerts_port),
             ("--ingest-port", args.ingest_port),
+            ("--kafka-port", args.kafka_port),
         ):
             check_port_free(port, flag)
     except PortInUse as exc:
@@ -187,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             [python, "-m", "personalization_pipeline.ingest_service", "--host", "127.0.0.1", "--port", str(args.ingest_port), "--log-level", "warning"],
         )
         wait_http(f"{host}:{args.ingest_port}/health", 30, ingest, "the ingest service")
+        kafka = spawn(
+            "kafka broker",
+            [python, "-m", "personalization_pipeline.broker", "--port", str(args.kafka_port), "--topic", KAFKA_TOPIC],
+        )
+        wait_kafka(args.kafka_port, KAFKA_TOPIC, 30, kafka)
         spawn(
             "simulator",
             [
@@ -194,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 "--ingest-url", f"{host}:{args.ingest_port}",
                 "--shop-url", f"{host}:{args.shop_port}",
                 "--rate", str(args.rate),
+                "--kafka-bootstrap", f"127.0.0.1:{args.kafka_port}",
+                "--kafka-topic", KAFKA_TOPIC,
+                "--kafka-share", str(KAFKA_SHARE),
             ],
         )
         ui = spawn(
@@ -212,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  shop sandbox      {host}:{args.shop_port}",
                     f"  alert sink        {host}:{args.alerts_port}/_admin/alerts",
                     f"  ingest service    {host}:{args.ingest_port}  (health: /health)",
+                    f"  Kafka broker      127.0.0.1:{args.kafka_port}  (topic {KAFKA_TOPIC}, {KAFKA_SHARE:.0%} of the events)",
                     f"  data              {root}",
                     "Press Ctrl-C to stop everything.",
                     "",

@@ -36,3 +36,10 @@ stream_job = dg.define_asset_job(
     description="New landing files -> staged events -> profiles -> push, in one run.",
     tags=PROFILE_WRITER_TAG,
 )
+
+kafka_stream_job = dg.define_asset_job(
+    "kafka_stream_job",
+    selection=["kafka_events", *PROFILE_ASSETS, "esp_attribute_sync"],
+    description="New Kafka offset ranges -> staged events -> profiles -> push, in one run.",
+    tags=PROFILE_WRITER_TAG,
+)

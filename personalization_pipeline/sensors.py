@@ -12,9 +12,9 @@ from pathlib import Path
 import dagster as dg
 import requests
 
-from personalization_pipeline import settings
 from personalization_pipeline.jobs import profile_job, snapshot_job, stream_job
 from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.landing_zone import LandingZoneResource, batch_id
 from personalization_pipeline.schedules import default_status
 
 MAX_FILES_PER_RUN = 200
@@ -68,13 +68,15 @@ def landing_requests(
     job=stream_job,
     minimum_interval_seconds=15,
     default_status=_sensor_status(),
-    description="Every 15 s: newly published landing files go through staging, profiles and the push in one run.",
+    description="Every 15 s: newly published landing files (local disk or S3) go through staging, profiles and the push in one run.",
 )
-def landing_zone_sensor(context: dg.SensorEvaluationContext, lake: LakeResource):
+def landing_zone_sensor(
+    context: dg.SensorEvaluationContext, lake: LakeResource, landing_zone: LandingZoneResource
+):
     target = lake.get_lake()
     run_requests, cursor = landing_requests(
-        published_landing_files(settings.landing_dir()),
-        lambda f: target.staged_path("stream", Path(f).stem).exists(),
+        landing_zone.list_published(),
+        lambda f: target.staged_path("stream", batch_id(f)).exists(),
         context.cursor,
         time.time(),
     )

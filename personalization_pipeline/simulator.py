@@ -20,9 +20,19 @@ Each track message and each webhook counts as one event for ``rate`` and ``count
 Failed sends (connection errors, 408, 429, 5xx) are retried with exponential backoff and
 full jitter, honouring ``Retry-After``; other 4xx answers are permanent and counted.
 
+Kafka: with ``kafka_bootstrap`` (``--kafka-bootstrap``) each event is instead published as
+one message to ``kafka_topic`` whose value is the envelope the ingest service would have
+landed (transport "track" or "shopify", ``delivery_id`` = messageId / webhook id,
+``received_at`` = produce time) and whose key is the person's id (customer id, else the
+anonymous id), so one person's events stay in order on one partition. The producer uses
+acks=all and idempotence; an event counts as acked when the broker acknowledged it. With
+both an ingest URL and Kafka, ``kafka_share`` of the requests go to Kafka, the rest over HTTP.
+
 CLI: ``python -m personalization_pipeline.simulator --ingest-url URL --shop-url URL
---rate 5`` (secrets from ``INGEST_WRITE_KEY`` or the first of ``INGEST_WRITE_KEYS``, and
-``SHOPIFY_WEBHOOK_SECRET``). SIGINT/SIGTERM stop it cleanly after the request in flight.
+--rate 5 [--kafka-bootstrap HOST:PORT --kafka-topic pp.events --kafka-share 0.3]``
+(``--ingest-url`` may be left out with ``--kafka-bootstrap``; secrets from
+``INGEST_WRITE_KEY`` or the first of ``INGEST_WRITE_KEYS``, and ``SHOPIFY_WEBHOOK_SECRET``).
+SIGINT/SIGTERM stop it cleanly after the request in flight.
 """
 
 from __future__ import annotations
@@ -585,6 +595,7 @@ class SimulatorStats:
     rejected: int = 0
     failed: int = 0
     abandoned: int = 0
+    kafka_events: int = 0
     elapsed_seconds: float = 0.0
     acked_delivery_ids: list[str] = field(default_factory=list)
 
@@ -592,6 +603,82 @@ class SimulatorStats:
         d = {k: v for k, v in self.__dict__.items() if k != "acked_delivery_ids"}
         d["events_per_second"] = round(self.events_acked / self.elapsed_seconds, 2) if self.elapsed_seconds else None
         return d
+
+
+def _received_at_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def kafka_messages(item: Outbound, body: bytes, headers: dict[str, str], received_at: str) -> list[tuple[str, bytes]]:
+    """(key, envelope JSON) per event of ``item``: the envelopes the ingest service lands."""
+    doc = json.loads(body)
+    out: list[tuple[str, bytes]] = []
+
+    def encode(envelope: dict) -> bytes:
+        return json.dumps(envelope, separators=(",", ":")).encode()
+
+    if item.kind == "track":
+        head = {"batch_sent_at": doc["sentAt"]} if doc.get("sentAt") is not None else {}
+        for message in doc["batch"]:
+            key = str(message.get("userId") or message.get("anonymousId") or message.get("messageId"))
+            out.append((key, encode({
+                "v": 1, "delivery_id": message.get("messageId"), "transport": "track", "topic": "track",
+                "received_at": received_at, "headers": head, "payload": message,
+            })))
+        return out
+    env_headers = {"shop_domain": headers["X-Shopify-Shop-Domain"], "triggered_at": headers["X-Shopify-Triggered-At"]}
+    for name, field_name in (("X-Shopify-API-Version", "api_version"), ("X-Shopify-Event-Id", "event_id")):
+        if headers.get(name):
+            env_headers[field_name] = headers[name]
+    customer = doc.get("customer") if isinstance(doc.get("customer"), dict) else {}
+    key = str(customer.get("id") or doc.get("id") or headers["X-Shopify-Webhook-Id"])
+    out.append((key, encode({
+        "v": 1, "delivery_id": headers["X-Shopify-Webhook-Id"], "transport": "shopify",
+        "topic": headers["X-Shopify-Topic"], "received_at": received_at, "headers": env_headers,
+        "payload": doc,
+    })))
+    return out
+
+
+class KafkaPublisher:
+    """Publishes events as envelopes; ``send`` returns once the broker acknowledged every
+    message of the item (acks=all, idempotent producer) or the delivery timed out."""
+
+    def __init__(self, bootstrap: str, topic: str, *, timeout: float = 10.0, extra: dict | None = None) -> None:
+        from confluent_kafka import Producer
+
+        self.topic = topic
+        self.timeout = timeout
+        self.producer = Producer({
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            "delivery.timeout.ms": int(max(timeout, 1.0) * 1000),
+            **(extra or {}),
+        })
+
+    def send(self, item: Outbound, body: bytes, headers: dict[str, str], stop: threading.Event) -> str:
+        results: list[Any] = []
+        messages = kafka_messages(item, body, headers, _received_at_now())
+        for key, value in messages:
+            self.producer.produce(self.topic, key=key.encode(), value=value,
+                                  on_delivery=lambda err, msg: results.append(err))
+        deadline = time.monotonic() + self.timeout + 5
+        while len(results) < len(messages) and time.monotonic() < deadline:
+            self.producer.poll(0.05)
+            if stop.is_set() and time.monotonic() > deadline - self.timeout:
+                break
+        if len(results) < len(messages):
+            return "abandoned" if stop.is_set() else "failed"
+        errors = [e for e in results if e is not None]
+        if errors:
+            log.warning("Kafka delivery failed: %s", errors[0])
+            return "failed"
+        return "acked"
+
+    def close(self) -> None:
+        self.producer.flush(5)
 
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -649,7 +736,7 @@ def send_with_retry(
 
 
 def run_simulator(
-    ingest_url: str,
+    ingest_url: str | None,
     shop_url: str,
     write_key: str,
     shopify_secret: str,
@@ -669,15 +756,21 @@ def run_simulator(
     backoff_base: float = 0.2,
     shop_attempts: int = 5,
     session: requests.Session | None = None,
+    kafka_bootstrap: str | None = None,
+    kafka_topic: str = "pp.events",
+    kafka_share: float = 1.0,
 ) -> SimulatorStats:
     """Send simulated traffic for the shop's people until ``duration`` seconds or ``count``
     events (whichever first; neither -> until ``stop_event`` is set).
 
     ``rate`` is events per second (a track message or a webhook is one event); requests
-    go one at a time, paced so the average holds.
+    go one at a time, paced so the average holds. With ``kafka_bootstrap`` the events go
+    to Kafka instead; with an ingest URL as well, ``kafka_share`` of the requests do.
     """
     if rate <= 0:
         raise ValueError("rate must be positive")
+    if not ingest_url and not kafka_bootstrap:
+        raise ValueError("give an ingest URL, a Kafka bootstrap server, or both")
     stop = stop_event or threading.Event()
     session = session or requests.Session()
     customers, products = fetch_shop_data(
@@ -689,7 +782,10 @@ def run_simulator(
         cancel_rate=cancel_rate,
         anonymous_visitors=fetch_anonymous_visitors(shop_url, session=session, timeout=timeout),
     )
-    base = ingest_url.rstrip("/")
+    base = (ingest_url or "").rstrip("/")
+    publisher = KafkaPublisher(kafka_bootstrap, kafka_topic, timeout=timeout) if kafka_bootstrap else None
+    share = 1.0 if not ingest_url else max(0.0, min(1.0, kafka_share))
+    transport_rng = random.Random(None if seed is None else seed + 1)
     stats = SimulatorStats()
     started = time.monotonic()
     events_sent = 0
@@ -706,13 +802,19 @@ def run_simulator(
         if delay > 0 and stop.wait(delay):
             break
         path, body, headers = item.build()
-        outcome = send_with_retry(
-            session, base + path, body, headers, stop=stop, rng=model.rng, stats=stats,
-            timeout=timeout, max_attempts=max_attempts, backoff_base=backoff_base,
-        )
+        via_kafka = publisher is not None and transport_rng.random() < share
+        if via_kafka:
+            outcome = publisher.send(item, body, headers, stop)
+        else:
+            outcome = send_with_retry(
+                session, base + path, body, headers, stop=stop, rng=model.rng, stats=stats,
+                timeout=timeout, max_attempts=max_attempts, backoff_base=backoff_base,
+            )
         events_sent += item.events
         if outcome == "acked":
             stats.events_acked += item.events
+            if via_kafka:
+                stats.kafka_events += item.events
             stats.requests_acked += 1
             if item.kind == "track":
                 stats.track_batches += 1
@@ -730,6 +832,8 @@ def run_simulator(
             stats.failed += item.events
         else:
             stats.abandoned += item.events
+    if publisher is not None:
+        publisher.close()
     stats.elapsed_seconds = round(time.monotonic() - started, 3)
     return stats
 
@@ -739,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m personalization_pipeline.simulator",
         description="Send simulated track batches and Shopify webhooks to the ingest service.",
     )
-    parser.add_argument("--ingest-url", required=True)
+    parser.add_argument("--ingest-url", default=None, help="the ingest service (optional with --kafka-bootstrap)")
     parser.add_argument("--shop-url", required=True)
     parser.add_argument("--rate", type=float, default=5.0, help="events per second")
     parser.add_argument("--seed", type=int, default=None)
@@ -750,6 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redelivery-rate", type=float, default=0.05)
     parser.add_argument("--shop-attempts", type=int, default=5,
                         help="tries to read the shop before giving up (it may be starting)")
+    parser.add_argument("--kafka-bootstrap", default=None, help="publish events to Kafka at HOST:PORT")
+    parser.add_argument("--kafka-topic", default="pp.events")
+    parser.add_argument("--kafka-share", type=float, default=1.0,
+                        help="with --ingest-url too: the share of requests published to Kafka")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
@@ -767,6 +875,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate <= 0:
         print("simulator: --rate must be positive", file=sys.stderr)
         return 2
+    if not args.ingest_url and not args.kafka_bootstrap:
+        print("simulator: give --ingest-url, --kafka-bootstrap, or both", file=sys.stderr)
+        return 2
 
     stop = threading.Event()
 
@@ -780,7 +891,8 @@ def main(argv: list[str] | None = None) -> int:
             args.ingest_url, args.shop_url, write_key, secret, args.rate, seed=args.seed,
             duration=args.duration, count=args.count, shop_domain=args.shop_domain,
             currency=args.currency, redelivery_rate=args.redelivery_rate, stop_event=stop,
-            shop_attempts=max(1, args.shop_attempts),
+            shop_attempts=max(1, args.shop_attempts), kafka_bootstrap=args.kafka_bootstrap,
+            kafka_topic=args.kafka_topic, kafka_share=args.kafka_share,
         )
     except ShopUnavailableError as exc:
         print(f"simulator: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ def test_asset_keys():
         "esp_engagement",
         "source_snapshot",
         "stream_events",
+        "kafka_events",
         "identity_map",
         "identity_conflicts",
         "resolved_profiles",
@@ -36,11 +37,11 @@ def test_asset_checks():
 
 def test_jobs_schedules_sensors():
     assert {j.name for j in defs.resolve_all_job_defs()} >= {
-        "source_pull_job", "snapshot_job", "profile_job", "stream_job",
+        "source_pull_job", "snapshot_job", "profile_job", "stream_job", "kafka_stream_job",
     }
     assert {s.name for s in defs.schedules} == {"source_pull_schedule"}
     assert {s.name for s in defs.sensors} == {
-        "landing_zone_sensor", "profile_refresh_sensor", "initial_snapshot_sensor", "run_failure_alert_sensor",
+        "landing_zone_sensor", "kafka_offsets_sensor", "profile_refresh_sensor", "initial_snapshot_sensor", "run_failure_alert_sensor",
     }
 
 
@@ -52,6 +53,7 @@ def test_partitions_and_upstream_edges():
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("resolved_profiles")).parent_keys}
     assert parents == {
         "crm_contacts", "crm_deletions", "esp_members", "esp_engagement", "source_snapshot", "stream_events",
+        "kafka_events",
     }
     engagement = graph.get(dg.AssetKey("esp_engagement"))
     assert engagement.partitions_def == crm.partitions_def

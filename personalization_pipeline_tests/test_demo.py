@@ -20,7 +20,7 @@ from personalization_pipeline.demo import check_port_free, PortInUse
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_ASSETS = [
-    "source_snapshot", "crm_contacts", "crm_deletions", "esp_members", "esp_engagement", "stream_events", "identity_map",
+    "source_snapshot", "crm_contacts", "crm_deletions", "esp_members", "esp_engagement", "stream_events", "kafka_events", "identity_map",
     "identity_conflicts", "resolved_profiles", "profile_attribute_provenance", "esp_attribute_sync",
 ]
 
@@ -64,11 +64,12 @@ def _materialised(home: Path) -> set[str]:
 
 
 def test_demo_materialises_the_graph_from_schedules_and_sensors(tmp_path):
-    ui, hub, chimp, shop, alerts, ingest = free_ports(6)
+    ui, hub, chimp, shop, alerts, ingest, kafka = free_ports(7)
     cmd = [
         sys.executable, "-m", "personalization_pipeline.demo", "--dir", str(tmp_path),
         "--ui-port", str(ui), "--hubspot-port", str(hub), "--mailchimp-port", str(chimp),
         "--shop-port", str(shop), "--alerts-port", str(alerts), "--ingest-port", str(ingest),
+        "--kafka-port", str(kafka),
         "--size", "600",
     ]
     log = open(tmp_path / "demo.log", "w")

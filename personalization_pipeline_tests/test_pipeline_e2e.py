@@ -23,6 +23,7 @@ from personalization_pipeline.ingest_service.app import start_ingest_service
 from personalization_pipeline.ingest_service.config import IngestConfig
 from personalization_pipeline.resources.hubspot import HubSpotResource
 from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.landing_zone import LocalLandingZoneResource
 from personalization_pipeline.resources.mailchimp import MailchimpResource
 from personalization_pipeline.resources.runtime import RuntimeResource
 from personalization_pipeline.resources.shop import ShopResource
@@ -60,6 +61,7 @@ def world(tmp_path, monkeypatch):
             ),
             "shop": ShopResource(base_url=sandbox.shop_url),
             "lake": LakeResource(),
+            "landing_zone": LocalLandingZoneResource(),
             "state": StateStoreResource(),
             "runtime": RuntimeResource(lag_seconds=60, now_override=RUN_NOW),
         }

@@ -15,6 +15,7 @@ import pytest
 
 from personalization_pipeline.assets.sources import stream_events
 from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.landing_zone import LocalLandingZoneResource
 from personalization_pipeline.resources.shop import ShopResource
 from personalization_pipeline.sensors import profile_refresh_sensor
 
@@ -75,7 +76,11 @@ def test_production_instance_stores_runs_in_postgres(postgres, tmp_path, monkeyp
         result = dg.materialize(
             [stream_events],
             instance=instance,
-            resources={"lake": LakeResource(), "shop": ShopResource(base_url="http://127.0.0.1:9")},
+            resources={
+                "lake": LakeResource(),
+                "shop": ShopResource(base_url="http://127.0.0.1:9"),
+                "landing_zone": LocalLandingZoneResource(),
+            },
         )
         assert result.success
         assert instance.get_run_by_id(result.run_id).is_success

@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.landing_zone import LocalLandingZoneResource
 from personalization_pipeline.schedules import pull_requests, source_pull_schedule
 from personalization_pipeline.sensors import (
     PENDING_RETRY_SECONDS,
@@ -81,16 +82,16 @@ def test_a_failed_runs_files_are_requested_again_after_the_retry_delay(tmp_path)
 
 def test_landing_zone_sensor_tick_by_tick(tmp_path, monkeypatch):
     monkeypatch.setenv("PP_DATA_DIR", str(tmp_path))
-    lake = LakeResource(root=str(tmp_path / "lake"))
-    with dg.build_sensor_context(resources={"lake": lake}) as context:
+    resources = {"lake": LakeResource(root=str(tmp_path / "lake")), "landing_zone": LocalLandingZoneResource()}
+    with dg.build_sensor_context(resources=resources) as context:
         first = landing_zone_sensor(context)
         assert first.run_requests == [] and first.skip_reason is not None
     f = _publish(tmp_path / "landing", "20261128T100000-1-1.jsonl")
-    with dg.build_sensor_context(resources={"lake": lake}, cursor=first.cursor) as context:
+    with dg.build_sensor_context(resources=resources, cursor=first.cursor) as context:
         second = landing_zone_sensor(context)
     assert len(second.run_requests) == 1
     assert second.run_requests[0].run_config["ops"]["stream_events"]["config"]["files"] == [f]
-    with dg.build_sensor_context(resources={"lake": lake}, cursor=second.cursor) as context:
+    with dg.build_sensor_context(resources=resources, cursor=second.cursor) as context:
         assert landing_zone_sensor(context).run_requests == []
 
 

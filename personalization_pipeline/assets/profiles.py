@@ -30,6 +30,7 @@ UPSTREAM = [
     dg.AssetKey("esp_engagement"),
     dg.AssetKey("source_snapshot"),
     dg.AssetKey("stream_events"),
+    dg.AssetKey("kafka_events"),
 ]
 
 

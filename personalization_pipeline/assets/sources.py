@@ -3,13 +3,12 @@ OAuth, the first-load snapshot, and the stream events landed by the ingest servi
 
 
 from datetime import datetime, timezone
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
 from personalization_pipeline import settings
-from personalization_pipeline.core.events import envelopes_to_canonical, read_landing_file
+from personalization_pipeline.core.events import envelopes_to_canonical
 from personalization_pipeline.core.push import load_field_mapping
 from personalization_pipeline.core.sources import (
     crm_contacts_to_canonical,
@@ -22,6 +21,7 @@ from personalization_pipeline.partitions import SOURCE_FRESHNESS, source_partiti
 from personalization_pipeline.resources.hubspot import HubSpotResource
 from personalization_pipeline.resources.http import CircuitOpenError, VendorError
 from personalization_pipeline.resources.lake import Lake, LakeResource
+from personalization_pipeline.resources.landing_zone import LandingZoneResource, batch_id
 from personalization_pipeline.resources.mailchimp import MailchimpResource
 from personalization_pipeline.resources.runtime import RuntimeResource
 from personalization_pipeline.resources.shop import ShopResource
@@ -273,32 +273,36 @@ class StreamBatch(dg.Config):
     """Published landing files to stage; empty means every published file not yet staged."""
 
 
-def unstaged_landing_files(lake: Lake, landing_root: Path) -> list[str]:
-    ready = landing_root / "ready"
-    files = sorted(str(p) for p in ready.rglob("*.jsonl")) if ready.exists() else []
-    return [f for f in files if not lake.staged_path("stream", Path(f).stem).exists()]
+def unstaged_landing_files(lake: Lake, landing_zone: LandingZoneResource) -> list[str]:
+    return [f for f in landing_zone.list_published() if not lake.staged_path("stream", batch_id(f)).exists()]
 
 
 @dg.asset(group_name="sources", kinds={"webhook", "parquet"})
 def stream_events(
-    context: dg.AssetExecutionContext, config: StreamBatch, lake: LakeResource, shop: ShopResource
+    context: dg.AssetExecutionContext,
+    config: StreamBatch,
+    lake: LakeResource,
+    shop: ShopResource,
+    landing_zone: LandingZoneResource,
 ) -> dg.MaterializeResult:
-    """Commerce webhooks and web track events from published landing files, as canonical
-    event rows. Each landing file is its own batch, so re-running a file rewrites the same
-    rows; what cannot be parsed is quarantined with the reason, never dropped."""
+    """Commerce webhooks and web track events from published landing files (local disk or
+    S3), as canonical event rows. Each landing file is its own batch, so re-running a file
+    rewrites the same rows; what cannot be parsed is quarantined with the reason, never
+    dropped."""
     target = lake.get_lake()
-    files = config.files or unstaged_landing_files(target, settings.landing_dir())
+    files = config.files or unstaged_landing_files(target, landing_zone)
     catalogue = shop.catalogue() if files else {}
     rows = rejected = 0
     by_source: dict[str, int] = {}
     for name in files:
-        path = Path(name)
-        if not path.exists():
-            raise dg.Failure(description=f"landing file {path} does not exist (moved by retention?)")
+        try:
+            envelopes = landing_zone.read(name)
+        except FileNotFoundError:
+            raise dg.Failure(description=f"landing file {name} does not exist (moved by retention?)") from None
         # Unreadable lines come back as envelopes that parse into rejects, with the reason.
-        frame, rejects = envelopes_to_canonical(read_landing_file(path), catalogue)
-        target.write_staged("stream", path.stem, frame)
-        rejected += target.write_quarantine("stream", path.stem, rejects)
+        frame, rejects = envelopes_to_canonical(envelopes, catalogue)
+        target.write_staged("stream", batch_id(name), frame)
+        rejected += target.write_quarantine("stream", batch_id(name), rejects)
         rows += len(frame)
         for source, count in frame["source"].value_counts().items():
             by_source[str(source)] = by_source.get(str(source), 0) + int(count)

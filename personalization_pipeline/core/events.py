@@ -721,7 +721,13 @@ def read_landing_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     ``envelopes_to_canonical`` reports as a reject with that reason. A complete last line
     missing only its newline is read normally.
     """
-    data = Path(path).read_bytes()
+    return parse_landing_bytes(Path(path).read_bytes(), str(path))
+
+
+def parse_landing_bytes(data: bytes, name: str) -> list[dict[str, Any]]:
+    """``read_landing_file`` over bytes already read (e.g. an S3 object); ``name`` is what
+    an unreadable line reports as its file."""
+    path = name
     lines = data.split(b"\n")
     tail = lines.pop()
     out: list[Any] = []

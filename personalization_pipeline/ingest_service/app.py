@@ -45,6 +45,7 @@ from starlette.routing import Route
 
 from .config import IngestConfig
 from .landing import LandingClosedError, LandingWriter, encode_lines
+from .s3_upload import S3Uploader
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("personalization_pipeline.ingest_service.access")
@@ -269,10 +270,18 @@ def create_app(
 
     ``clock`` (epoch seconds) stamps ``received_at`` and checks the replay window.
     """
+    uploader = (
+        S3Uploader(
+            config.landing_dir, config.s3_bucket, config.s3_prefix, endpoint_url=config.s3_endpoint_url
+        )
+        if config.s3_bucket
+        else None
+    )
     writer = writer or LandingWriter(
         config.landing_dir,
         rotate_bytes=config.rotate_bytes,
         rotate_seconds=config.rotate_seconds,
+        on_publish=uploader.submit if uploader is not None else None,
     )
     counters = _Counters()
     write_key_digests = tuple(_digest(k.encode("utf-8")) for k in sorted(config.write_keys))
@@ -480,6 +489,8 @@ def create_app(
             "uptime_seconds": round(time.time() - counters.started_at, 3),
             "counters": {**counters.snapshot(), "landing": writer.snapshot()},
         }
+        if uploader is not None:
+            body["s3_upload"] = uploader.snapshot()
         return JSONResponse(body, status_code=200 if writable else 503)
 
     async def metrics(request: Request) -> Response:
@@ -504,6 +515,16 @@ def create_app(
                     f"ingest_landing_{name}{suffix} {value}",
                 ]
         lines.append(f"ingest_landing_writable {int(writer.writable())}")
+        if uploader is not None:
+            up = uploader.snapshot()
+            lines += [
+                "# TYPE ingest_s3_uploaded_total counter",
+                f"ingest_s3_uploaded_total {up['uploaded']}",
+                "# TYPE ingest_s3_upload_errors_total counter",
+                f"ingest_s3_upload_errors_total {up['upload_errors']}",
+                "# TYPE ingest_s3_pending_uploads gauge",
+                f"ingest_s3_pending_uploads {up['pending_uploads']}",
+            ]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -517,6 +538,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
+        if uploader is not None:
+            uploader.start()  # first: queues what an earlier run published but never uploaded
         published = writer.start()
         if published:
             log.info("published %d leftover landing file(s) from %s", len(published), "open/")
@@ -524,6 +547,8 @@ def create_app(
             yield
         finally:
             writer.close()
+            if uploader is not None:
+                uploader.close()
 
     app = Starlette(
         routes=[
@@ -538,6 +563,7 @@ def create_app(
     )
     app.state.config = config
     app.state.writer = writer
+    app.state.uploader = uploader
     app.state.counters = counters
     app.add_middleware(_AccessLog, counters=counters)
     return app

@@ -30,6 +30,9 @@ class IngestConfig:
     files, the only place downstream reads). ``write_keys`` authenticate track batches
     (HTTP Basic user name). ``replay_window_seconds`` bounds how far
     ``X-Shopify-Triggered-At`` may be from the receiver's clock, either side.
+    With ``s3_bucket`` set, published files are then uploaded to
+    ``s3://<s3_bucket>/<s3_prefix>/ready/...`` and deleted locally (``s3_upload.py``);
+    ``s3_endpoint_url`` points boto3 at another endpoint (moto, MinIO).
     """
 
     landing_dir: Path
@@ -40,6 +43,9 @@ class IngestConfig:
     replay_window_seconds: float = DEFAULT_REPLAY_WINDOW_SECONDS
     rotate_bytes: int = DEFAULT_ROTATE_BYTES
     rotate_seconds: float = DEFAULT_ROTATE_SECONDS
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "landing_dir", Path(self.landing_dir))
@@ -69,7 +75,9 @@ class IngestConfig:
         Required: ``INGEST_LANDING_DIR``, ``INGEST_WRITE_KEYS`` (comma-separated),
         ``SHOPIFY_WEBHOOK_SECRET``, ``MAILCHIMP_WEBHOOK_SECRET``. Optional:
         ``INGEST_MAX_BODY_BYTES`` (1 MiB), ``INGEST_REPLAY_WINDOW_SECONDS`` (300),
-        ``INGEST_ROTATE_BYTES`` (8 MiB), ``INGEST_ROTATE_SECONDS`` (5).
+        ``INGEST_ROTATE_BYTES`` (8 MiB), ``INGEST_ROTATE_SECONDS`` (5),
+        ``PP_LANDING_S3_BUCKET`` / ``PP_LANDING_S3_PREFIX`` (the S3 landing zone; unset:
+        local disk only), ``AWS_ENDPOINT_URL``.
         """
         env = os.environ if environ is None else environ
 
@@ -109,4 +117,7 @@ class IngestConfig:
             ),
             rotate_bytes=int(number("INGEST_ROTATE_BYTES", DEFAULT_ROTATE_BYTES, int)),
             rotate_seconds=float(number("INGEST_ROTATE_SECONDS", DEFAULT_ROTATE_SECONDS, float)),
+            s3_bucket=env.get("PP_LANDING_S3_BUCKET", "").strip() or None,
+            s3_prefix=env.get("PP_LANDING_S3_PREFIX", "").strip().strip("/"),
+            s3_endpoint_url=env.get("AWS_ENDPOINT_URL", "").strip() or None,
         )

@@ -146,6 +146,8 @@ class LandingWriter:
 
     A background thread rotates the open file by age (its own timer, so a quiet stream
     still publishes within seconds) and by size, and retries failed publications.
+    ``on_publish`` is called with each published path (under the writer's lock: keep it
+    quick, e.g. ``S3Uploader.submit``).
     """
 
     def __init__(
@@ -156,8 +158,10 @@ class LandingWriter:
         rotate_seconds: float = 5.0,
         clock: Callable[[], float] = time.time,
         sync_in_thread: bool = True,
+        on_publish: Callable[[Path], None] | None = None,
     ) -> None:
         self.landing_dir = Path(landing_dir)
+        self._on_publish = on_publish  # called with each published path (e.g. the S3 uploader)
         self.open_dir = self.landing_dir / OPEN_DIR
         self.ready_dir = self.landing_dir / READY_DIR
         self.rotate_bytes = int(rotate_bytes)
@@ -500,6 +504,11 @@ class LandingWriter:
         _fsync_dir(src.parent)
         self.stats.files_published += 1
         self.stats.last_published = str(dest)
+        if self._on_publish is not None:
+            try:
+                self._on_publish(dest)
+            except Exception:  # the file is published; a start-up scan picks it up again
+                log.exception("on_publish hook failed for %s", dest.name)
         return dest
 
     def _publish_file(self, f: _OpenFile) -> Path | None:
