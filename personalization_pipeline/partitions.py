@@ -7,6 +7,7 @@ filled in few-minute slices by the pull schedule, and stays the unit a backfill 
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import dagster as dg
@@ -18,6 +19,22 @@ def partition_start() -> str:
     """PP_PARTITION_START, `YYYY-MM-DD-HH:MM` UTC. Records older than this come in through the
     snapshot step, not through thousands of partitions."""
     return os.environ.get("PP_PARTITION_START", "").strip() or DEFAULT_PARTITION_START
+
+
+_READY_HOUR = re.compile(r"ready/(\d{4})/(\d{2})/(\d{2})/(\d{2})/")
+
+
+def landing_partition_key(path: str) -> str:
+    """The hourly partition of a landing file: the hour it was published in (its
+    `ready/YYYY/MM/DD/HH/` folder, on disk or in S3), which is the hour it was received.
+    Files from before the first partition belong to the first one."""
+    match = _READY_HOUR.search(path.replace("\\", "/"))
+    if not match:
+        raise ValueError(f"{path} is not under ready/YYYY/MM/DD/HH/")
+    year, month, day, hour = match.groups()
+    key = f"{year}-{month}-{day}-{hour}:00"
+    first = source_partitions.get_first_partition_key()
+    return max(key, first) if first else key
 
 
 source_partitions = dg.HourlyPartitionsDefinition(

@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import requests
 
+from personalization_pipeline.partitions import landing_partition_key
 from personalization_pipeline.jobs import profile_job, snapshot_job, stream_job
 from personalization_pipeline.resources.lake import LakeResource
 from personalization_pipeline.resources.landing_zone import LandingZoneResource, batch_id
@@ -49,18 +50,23 @@ def landing_requests(
     unstaged = [f for f in files if not is_staged(f)]
     pending = {f: t for f, t in pending.items() if f in set(unstaged) and now - t < PENDING_RETRY_SECONDS}
     todo = [f for f in unstaged if f not in pending]
+    by_hour: dict[str, list[str]] = {}
+    for name in todo:
+        by_hour.setdefault(landing_partition_key(name), []).append(name)
     run_requests = []
-    for start in range(0, len(todo), MAX_FILES_PER_RUN):
-        chunk = todo[start : start + MAX_FILES_PER_RUN]
-        digest = hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:16]
-        run_requests.append(
-            dg.RunRequest(
-                run_key=f"landing:{Path(chunk[-1]).name}:{len(chunk)}:{digest}:{int(now)}",
-                run_config={"ops": {"stream_events": {"config": {"files": chunk}}}},
-                tags={"pp/trigger": "landing_zone_sensor", "pp/landing_files": str(len(chunk))},
+    for hour, names in sorted(by_hour.items()):
+        for start in range(0, len(names), MAX_FILES_PER_RUN):
+            chunk = names[start : start + MAX_FILES_PER_RUN]
+            digest = hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:16]
+            run_requests.append(
+                dg.RunRequest(
+                    run_key=f"landing:{Path(chunk[-1]).name}:{len(chunk)}:{digest}:{int(now)}",
+                    partition_key=hour,
+                    run_config={"ops": {"stream_events": {"config": {"files": chunk}}}},
+                    tags={"pp/trigger": "landing_zone_sensor", "pp/landing_files": str(len(chunk))},
+                )
             )
-        )
-        pending.update({f: now for f in chunk})
+            pending.update({f: now for f in chunk})
     return run_requests, json.dumps(pending, sort_keys=True)
 
 

@@ -19,6 +19,7 @@ from personalization_pipeline.assets.sources import (
 )
 from personalization_pipeline.assets.sync import esp_attribute_sync
 from personalization_pipeline.core.clock import ManualClock
+from personalization_pipeline.partitions import landing_partition_key
 from personalization_pipeline.ingest_service.app import start_ingest_service
 from personalization_pipeline.ingest_service.config import IngestConfig
 from personalization_pipeline.resources.hubspot import HubSpotResource
@@ -114,9 +115,19 @@ def test_whole_loop_over_real_http(world):
             ingest.url, sandbox.shop_url, "test-write-key", "test-shopify-secret", rate=400, count=300, seed=5
         )
     assert stats.failed == 0
-    streamed = dg.materialize([stream_events], resources=resources, instance=instance)
-    assert streamed.success
-    assert _metadata(streamed, "stream_events")["dagster/row_count"] >= 250
+    # One run per hour of landing files, as the landing-zone sensor requests them.
+    by_hour: dict[str, list[str]] = {}
+    for name in resources["landing_zone"].list_published():
+        by_hour.setdefault(landing_partition_key(name), []).append(name)
+    staged_rows = 0
+    for hour, names in by_hour.items():
+        streamed = dg.materialize(
+            [stream_events], resources=resources, instance=instance, partition_key=hour,
+            run_config={"ops": {"stream_events": {"config": {"files": names}}}},
+        )
+        assert streamed.success
+        staged_rows += _metadata(streamed, "stream_events")["dagster/row_count"]
+    assert staged_rows >= 250
 
     # Profiles and the push.
     profiles_run = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources, instance=instance)

@@ -76,6 +76,7 @@ def test_production_instance_stores_runs_in_postgres(postgres, tmp_path, monkeyp
         result = dg.materialize(
             [stream_events],
             instance=instance,
+            partition_key="2026-11-28-10:00",
             resources={
                 "lake": LakeResource(),
                 "shop": ShopResource(base_url="http://127.0.0.1:9"),

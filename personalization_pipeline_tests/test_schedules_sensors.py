@@ -61,6 +61,7 @@ def test_landing_requests_hand_each_file_over_once(tmp_path):
     requests, cursor = landing_requests([a, b], staged.__contains__, None, now=1000.0)
     assert len(requests) == 1
     assert requests[0].run_config["ops"]["stream_events"]["config"]["files"] == [a, b]
+    assert requests[0].partition_key == "2026-11-28-10:00"  # the hour the files were published in
     # Not staged yet, but already handed over: no second request.
     again, cursor = landing_requests([a, b], staged.__contains__, cursor, now=1010.0)
     assert again == []
@@ -115,3 +116,20 @@ def test_snapshot_sensor_requests_the_first_load_once():
         assert request.run_key == "initial-snapshot"
         instance.report_runless_asset_event(dg.AssetMaterialization("source_snapshot"))
         assert isinstance(initial_snapshot_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+
+
+def test_landing_files_of_different_hours_go_to_their_own_partitions(tmp_path):
+    ten = _publish(tmp_path, "20261128T105959-1-1.jsonl")
+    eleven = tmp_path / "ready" / "2026" / "11" / "28" / "11" / "20261128T110001-1-2.jsonl"
+    eleven.parent.mkdir(parents=True)
+    eleven.write_text("{}\n")
+    old = tmp_path / "ready" / "2026" / "10" / "02" / "07" / "20261002T070000-1-1.jsonl"
+    old.parent.mkdir(parents=True)
+    old.write_text("{}\n")
+    requests, _ = landing_requests([str(old), ten, str(eleven)], lambda f: False, None, now=5.0)
+    by_partition = {r.partition_key: r.run_config["ops"]["stream_events"]["config"]["files"] for r in requests}
+    assert by_partition == {
+        "2026-11-01-00:00": [str(old)],  # before the first partition: the first one
+        "2026-11-28-10:00": [ten],
+        "2026-11-28-11:00": [str(eleven)],
+    }

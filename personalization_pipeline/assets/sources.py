@@ -17,7 +17,7 @@ from personalization_pipeline.core.sources import (
     esp_engagement_to_canonical,
     esp_members_to_canonical,
 )
-from personalization_pipeline.partitions import SOURCE_FRESHNESS, source_partitions
+from personalization_pipeline.partitions import SOURCE_FRESHNESS, landing_partition_key, source_partitions
 from personalization_pipeline.resources.hubspot import HubSpotResource
 from personalization_pipeline.resources.http import CircuitOpenError, VendorError
 from personalization_pipeline.resources.lake import Lake, LakeResource
@@ -270,14 +270,20 @@ def source_snapshot(
 
 class StreamBatch(dg.Config):
     files: list[str] = []
-    """Published landing files to stage; empty means every published file not yet staged."""
+    """Published landing files to stage (the sensor names them); empty means every file
+    published in the partition's hour, so a re-run or backfill of an hour re-stages it."""
 
 
-def unstaged_landing_files(lake: Lake, landing_zone: LandingZoneResource) -> list[str]:
-    return [f for f in landing_zone.list_published() if not lake.staged_path("stream", batch_id(f)).exists()]
+def landing_files_of_hour(landing_zone: LandingZoneResource, partition_key: str) -> list[str]:
+    return [f for f in landing_zone.list_published() if landing_partition_key(f) == partition_key]
 
 
-@dg.asset(group_name="sources", kinds={"webhook", "parquet"})
+@dg.asset(
+    group_name="sources",
+    kinds={"webhook", "parquet"},
+    # No freshness policy: a quiet hour (a shop at night) is not an outage.
+    partitions_def=source_partitions,
+)
 def stream_events(
     context: dg.AssetExecutionContext,
     config: StreamBatch,
@@ -286,11 +292,12 @@ def stream_events(
     landing_zone: LandingZoneResource,
 ) -> dg.MaterializeResult:
     """Commerce webhooks and web track events from published landing files (local disk or
-    S3), as canonical event rows. Each landing file is its own batch, so re-running a file
-    rewrites the same rows; what cannot be parsed is quarantined with the reason, never
-    dropped."""
+    S3), as canonical event rows, partitioned by the hour the files were received in (the
+    pulls' windows). Each landing file is its own batch, so re-running a file rewrites the
+    same rows, and de-duplication by delivery id happens across batches; what cannot be
+    parsed is quarantined with the reason, never dropped."""
     target = lake.get_lake()
-    files = config.files or unstaged_landing_files(target, landing_zone)
+    files = config.files or landing_files_of_hour(landing_zone, context.partition_key)
     catalogue = shop.catalogue() if files else {}
     rows = rejected = 0
     by_source: dict[str, int] = {}

@@ -18,6 +18,7 @@ from moto.server import ThreadedMotoServer
 from personalization_pipeline.assets.sources import stream_events
 from personalization_pipeline.ingest_service import IngestConfig, LandingWriter, list_ready_files, start_ingest_service
 from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.partitions import landing_partition_key
 from personalization_pipeline.resources.landing_zone import (
     LocalLandingZoneResource,
     S3LandingZoneResource,
@@ -136,6 +137,8 @@ def test_ingest_to_s3_then_sensor_then_stream_events(tmp_path, moto_url, fake_sh
             [stream_events],
             resources={**resources, "shop": ShopResource(base_url=fake_shop.url)},
             instance=instance,
+            # Files of one hour, or of the first partition when published before it starts.
+            partition_key=landing_partition_key((batch_one + batch_two + leftover)[0]),
             run_config={"ops": {"stream_events": {"config": {"files": batch_one + batch_two + leftover}}}},
         )
     assert result.success
