@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.common import Figure
 
-BENCHMARKS = ["bench.bench_pull", "bench.bench_ingest", "bench.bench_identity"]
+BENCHMARKS = ["bench.bench_pull", "bench.bench_ingest", "bench.bench_identity", "bench.bench_validation"]
 REPORT = Path(__file__).resolve().parent / "report.md"
 
 
