@@ -32,7 +32,12 @@ def test_asset_checks():
     checks = {
         (k.asset_key.to_user_string(), k.name) for k in defs.resolve_asset_graph().asset_check_keys
     }
-    assert checks == {("resolved_profiles", "largest_identity_component")}
+    validated = ("crm_contacts", "esp_members", "esp_engagement", "stream_events")
+    assert checks == {("resolved_profiles", "largest_identity_component")} | {
+        (asset, name) for asset in validated for name in ("quarantine_rate", "rows_accounted")
+    }
+    graph = defs.resolve_asset_graph()
+    assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys if k.name != "largest_identity_component")
 
 
 def test_jobs_schedules_sensors():

@@ -25,6 +25,7 @@ from personalization_pipeline.resources.landing_zone import LandingZoneResource,
 from personalization_pipeline.resources.mailchimp import MailchimpResource
 from personalization_pipeline.resources.runtime import RuntimeResource
 from personalization_pipeline.resources.shop import ShopResource
+from personalization_pipeline.validation import validate_batch
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 BACKFILL_CHUNK = dg.BackfillPolicy.multi_run(max_partitions_per_run=24)
@@ -44,6 +45,65 @@ def _window(context: dg.AssetExecutionContext, runtime: RuntimeResource) -> tupl
     window = context.partition_time_window
     end = min(window.end, now - pd.Timedelta(seconds=runtime.lag_seconds).to_pytimedelta())
     return window.start, end, now
+
+
+def _drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: bool) -> pd.DataFrame:
+    """ESP members only: our own push bumps a member's last_changed without any new fact
+    (the echo); such a version must not look newer than it is. CRM versions are staged as
+    pulled, so a partition holds exactly the contacts modified in its hour."""
+    return drop_unchanged_versions(frame, lake.read_staged(source)) if drop_unchanged else frame
+
+
+def validate(lake: Lake, source: str, batch: str, frame: pd.DataFrame, kind: str, raw=None):
+    """Great Expectations inside the staging step: returns the rows that passed and the
+    outcome; refused rows go to the quarantine with the failed expectations (PRODUCT.md
+    section 7). Staged history never sees a refused row."""
+    outcome = validate_batch(frame, kind, raw=raw, partition=batch)
+    lake.write_validation_quarantine(source, batch, outcome.quarantine)
+    return outcome.staged, outcome
+
+
+def validation_results(outcomes: list) -> tuple[dict, list[dg.AssetCheckResult]]:
+    """Metadata and check results over the batches of one run (a stream run has several)."""
+    counts = {k: sum(getattr(o, k) for o in outcomes) for k in ("rows_in", "rows_staged", "rows_quarantined", "rows_duplicate")}
+    failures: dict[str, int] = {}
+    for outcome in outcomes:
+        for name, count in outcome.failure_counts.items():
+            failures[name] = failures.get(name, 0) + int(count)
+    passed = all(o.passed_threshold for o in outcomes)
+    rate = counts["rows_quarantined"] / max(1, counts["rows_in"] - counts["rows_duplicate"])
+    metadata = {**counts, "quarantine_rate": round(rate, 6), "failed_expectations": failures}
+    checks = [
+        dg.AssetCheckResult(
+            check_name="quarantine_rate",
+            passed=passed,
+            metadata={**counts, "quarantine_rate": round(rate, 6), "failed_expectations": failures},
+        ),
+        dg.AssetCheckResult(
+            check_name="rows_accounted",
+            passed=counts["rows_in"] == counts["rows_staged"] + counts["rows_quarantined"] + counts["rows_duplicate"],
+            metadata=counts,
+        ),
+    ]
+    return metadata, checks
+
+
+def validation_checks(asset: str) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec(
+            "quarantine_rate",
+            asset=asset,
+            blocking=True,
+            description="Fails when the batch's quarantine rate passes the threshold in config/validation.yaml "
+            "(5% of batches of at least 200 rows, a count below that).",
+        ),
+        dg.AssetCheckSpec(
+            "rows_accounted",
+            asset=asset,
+            blocking=True,
+            description="rows_in = rows_staged + rows_quarantined + rows_duplicate.",
+        ),
+    ]
 
 
 def _drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: bool) -> pd.DataFrame:
@@ -85,6 +145,11 @@ def _stage_partitions(
     return totals
 
 
+def _batch_name(context: dg.AssetExecutionContext) -> str:
+    keys = context.partition_keys
+    return keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"
+
+
 def _vendor_failure(exc: VendorError) -> dg.Failure:
     # The message is already safe for the UI (no credentials); no retries on config errors.
     if isinstance(exc, CircuitOpenError):
@@ -95,6 +160,7 @@ def _vendor_failure(exc: VendorError) -> dg.Failure:
 
 
 @dg.asset(
+    check_specs=validation_checks("crm_contacts"),
     partitions_def=source_partitions,
     group_name="sources",
     freshness_policy=SOURCE_FRESHNESS,
@@ -117,12 +183,19 @@ def crm_contacts(
                 records.extend(page)
         except VendorError as exc:
             raise _vendor_failure(exc) from None
-    counts = _stage_partitions(lake.get_lake(), "crm", context, crm_contacts_to_canonical(records, now))
+    target = lake.get_lake()
+    staged, outcome = validate(
+        target, "crm", _batch_name(context), crm_contacts_to_canonical(records, now), "crm_contact", raw=records
+    )
+    counts = _stage_partitions(target, "crm", context, staged)
+    validation, checks = validation_results([outcome])
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": counts["rows_total"],
             "rows_pulled": len(records),
             **counts,
+            **validation,
             **client.stats.as_metadata(),
             "window_start": start.isoformat(),
             "window_end": max(start, end).isoformat(),
@@ -154,6 +227,7 @@ def crm_deletions(hubspot: HubSpotResource, lake: LakeResource, runtime: Runtime
 
 
 @dg.asset(
+    check_specs=validation_checks("esp_members"),
     partitions_def=source_partitions,
     group_name="sources",
     freshness_policy=SOURCE_FRESHNESS,
@@ -175,10 +249,17 @@ def esp_members(
                 members.extend(page)
         except VendorError as exc:
             raise _vendor_failure(exc) from None
-    frame = esp_members_to_canonical(members, now, _echo_tags())
-    counts = _stage_partitions(lake.get_lake(), "esp", context, frame, drop_unchanged=True)
+    target = lake.get_lake()
+    staged, outcome = validate(
+        target, "esp", _batch_name(context), esp_members_to_canonical(members, now, _echo_tags()), "esp_member",
+        raw=members,
+    )
+    counts = _stage_partitions(target, "esp", context, staged, drop_unchanged=True)
+    validation, checks = validation_results([outcome])
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
+            **validation,
             "dagster/row_count": counts["rows_total"],
             "rows_pulled": len(members),
             **counts,
@@ -191,6 +272,7 @@ def esp_members(
 
 
 @dg.asset(
+    check_specs=validation_checks("esp_engagement"),
     partitions_def=source_partitions,
     group_name="sources",
     freshness_policy=SOURCE_FRESHNESS,
@@ -220,10 +302,15 @@ def esp_engagement(
         except VendorError as exc:
             raise _vendor_failure(exc) from None
     frame, activity = esp_engagement_to_canonical(emails, now, start, end)
-    counts = _stage_partitions(lake.get_lake(), "engagement", context, frame)
-    events = frame["event_type"].value_counts()
+    target = lake.get_lake()
+    staged, outcome = validate(target, "engagement", _batch_name(context), frame, "event")
+    counts = _stage_partitions(target, "engagement", context, staged)
+    events = staged["event_type"].value_counts()
+    validation, checks = validation_results([outcome])
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
+            **validation,
             "dagster/row_count": counts["rows_total"],
             "rows_pulled": len(frame),
             **counts,
@@ -254,14 +341,22 @@ def source_snapshot(
     except VendorError as exc:
         raise _vendor_failure(exc) from None
     target = lake.get_lake()
-    crm = _stage(target, "crm", "snapshot", crm_contacts_to_canonical(contacts, now))
-    esp = _stage(target, "esp", "snapshot", esp_members_to_canonical(members, now, _echo_tags()), drop_unchanged=True)
+    crm_rows, crm_outcome = validate(
+        target, "crm", "snapshot", crm_contacts_to_canonical(contacts, now), "crm_contact", raw=contacts
+    )
+    esp_rows, esp_outcome = validate(
+        target, "esp", "snapshot", esp_members_to_canonical(members, now, _echo_tags()), "esp_member", raw=members
+    )
+    crm = _stage(target, "crm", "snapshot", crm_rows)
+    esp = _stage(target, "esp", "snapshot", esp_rows, drop_unchanged=True)
+    validation, _ = validation_results([crm_outcome, esp_outcome])
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": crm["rows_total"] + esp["rows_total"],
             "crm_contacts": crm["rows_total"],
             "esp_members": esp["rows_total"],
             "snapshot_until": until.isoformat(),
+            **validation,
             "api_calls": hub.stats.api_calls + chimp.stats.api_calls,
             "http_429": hub.stats.http_429 + chimp.stats.http_429,
         }
@@ -279,6 +374,7 @@ def landing_files_of_hour(landing_zone: LandingZoneResource, partition_key: str)
 
 
 @dg.asset(
+    check_specs=validation_checks("stream_events"),
     group_name="sources",
     kinds={"webhook", "parquet"},
     # No freshness policy: a quiet hour (a shop at night) is not an outage.
@@ -301,6 +397,7 @@ def stream_events(
     catalogue = shop.catalogue() if files else {}
     rows = rejected = 0
     by_source: dict[str, int] = {}
+    outcomes = []
     for name in files:
         try:
             envelopes = landing_zone.read(name)
@@ -308,17 +405,26 @@ def stream_events(
             raise dg.Failure(description=f"landing file {name} does not exist (moved by retention?)") from None
         # Unreadable lines come back as envelopes that parse into rejects, with the reason.
         frame, rejects = envelopes_to_canonical(envelopes, catalogue)
-        target.write_staged("stream", batch_id(name), frame)
+        raw = [envelopes[p] for p in frame.attrs.get("envelope_positions", [])] or None
+        staged, outcome = validate(target, "stream", batch_id(name), frame, "event", raw=raw)
+        outcomes.append(outcome)
+        target.write_staged("stream", batch_id(name), staged)
         rejected += target.write_quarantine("stream", batch_id(name), rejects)
-        rows += len(frame)
-        for source, count in frame["source"].value_counts().items():
+        rows += len(staged)
+        for source, count in staged["source"].value_counts().items():
             by_source[str(source)] = by_source.get(str(source), 0) + int(count)
-    context.log.info(f"staged {rows} events from {len(files)} landing files; {rejected} quarantined")
+    context.log.info(f"staged {rows} events from {len(files)} landing files; {rejected} unparseable")
+    validation, checks = validation_results(outcomes) if outcomes else ({}, [
+        dg.AssetCheckResult(check_name=name, passed=True, metadata={"rows_in": 0})
+        for name in ("quarantine_rate", "rows_accounted")
+    ])
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": rows,
             "landing_files": len(files),
-            "rows_quarantined": rejected,
+            "rows_unparseable": rejected,
+            **validation,
             **{f"rows_{k}": v for k, v in sorted(by_source.items())},
-        }
+        },
     )

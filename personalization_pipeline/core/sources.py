@@ -37,6 +37,17 @@ def _blank_to_none(value: object) -> object:
     return text if text else None
 
 
+def _hubspot_time(value: object) -> object:
+    """HubSpot dates are ISO 8601 strings, but epoch milliseconds (as numbers or digit
+    strings) appear too; an unparseable value becomes null and fails validation."""
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+        return pd.Timestamp(int(float(value)), unit="ms", tz="UTC")
+    try:
+        return pd.Timestamp(value).tz_convert("UTC") if value else None
+    except (ValueError, TypeError):
+        return None
+
+
 def crm_contacts_to_canonical(records: Iterable[dict], received_at: datetime) -> pd.DataFrame:
     """HubSpot search results -> canonical contact rows (one per contact version)."""
     rows = []
@@ -46,7 +57,7 @@ def crm_contacts_to_canonical(records: Iterable[dict], received_at: datetime) ->
             "source": "crm",
             "source_class": "crm",
             "source_record_id": str(record["id"]),
-            "observed_at": props.get("lastmodifieddate") or record.get("updatedAt"),
+            "observed_at": _hubspot_time(props.get("lastmodifieddate") or record.get("updatedAt")),
             "received_at": received_at,
             "record_kind": "contact",
             "is_deleted": bool(record.get("archived", False)),

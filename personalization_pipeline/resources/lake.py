@@ -100,6 +100,20 @@ class Lake:
         write_atomic(pa.Table.from_pandas(frame, preserve_index=False), path)
         return len(frame)
 
+    def write_validation_quarantine(self, source: str, batch: str, quarantine: pd.DataFrame) -> int:
+        """Rows a validation suite refused, with the failed expectations and the raw record;
+        one file per batch, rewritten (or removed) when the batch is re-validated."""
+        path = self.root / "quarantine" / "validation" / source / f"{_safe_name(batch)}.parquet"
+        if quarantine.empty:
+            if path.exists():
+                path.unlink()
+            return 0
+        frame = quarantine.assign(
+            observed_at=quarantine["observed_at"].astype(str), received_at=quarantine["received_at"].astype(str)
+        )
+        write_atomic(pa.Table.from_pandas(frame, preserve_index=False), path)
+        return len(frame)
+
     def write_table(self, name: str, frame: pd.DataFrame) -> None:
         write_atomic(pa.Table.from_pandas(frame, preserve_index=False), self.root / "tables" / f"{name}.parquet")
 

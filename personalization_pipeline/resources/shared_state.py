@@ -15,6 +15,7 @@ import random
 import socket
 import sqlite3
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,27 @@ from personalization_pipeline.core.breaker import admit as breaker_admit
 from personalization_pipeline.core.breaker import record as breaker_record
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
 from personalization_pipeline.core.ratelimit import RateLimit, gcra_admit
+
+
+def connect_wal(path: str | os.PathLike, **kwargs) -> sqlite3.Connection:
+    """A connection in WAL mode (autocommit unless `isolation_level` is given).
+
+    Switching the journal mode takes an exclusive lock and does not wait on the busy
+    timeout, so with many processes opening the file at once it is done only when the file
+    is not in WAL mode yet (the mode is persistent), retrying briefly.
+    """
+    kwargs.setdefault("isolation_level", None)
+    conn = sqlite3.connect(path, timeout=30, **kwargs)
+    for attempt in range(50):
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return conn
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise sqlite3.OperationalError(f"could not open {path} in WAL mode: it stayed locked")
 
 
 class SharedRateLimiter:
@@ -42,8 +64,7 @@ class SharedRateLimiter:
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = connect_wal(self._path)
             self._local.conn = conn
         return conn
 
@@ -163,8 +184,7 @@ class _CoordinationFile:
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = connect_wal(self._path)
             self._local.conn = conn
         return conn
 

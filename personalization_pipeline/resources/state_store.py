@@ -18,6 +18,7 @@ import dagster as dg
 from pydantic import Field
 
 from personalization_pipeline import settings
+from personalization_pipeline.resources.shared_state import connect_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS push_ledger (
@@ -52,8 +53,8 @@ class StateStore:
             conn.executescript(_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Default isolation: the ledger commits per batch in one transaction.
+        conn = connect_wal(self.path, isolation_level="")
         return conn
 
     def acknowledged(self, list_id: str) -> dict[str, str]:

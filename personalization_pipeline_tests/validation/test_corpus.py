@@ -274,14 +274,18 @@ def test_rows_without_a_key_are_never_duplicates(config):
     assert outcome.failure_counts == {"source_record_id_not_null": 2}
 
 
-def test_epoch_milliseconds_in_crm_lastmodifieddate_break_canonical_conversion():
-    """Where epoch milliseconds end up today: HubSpot sends ISO text, and
-    core/canonical.to_table parses with format="ISO8601", so one epoch-ms value makes
-    crm_contacts_to_canonical raise for the whole batch (the row never reaches
-    validation). Staging must catch this; validate_batch itself, handed such a value,
-    quarantines the row as observed_at_not_null (case "crm lastmodified epoch ms")."""
-    with pytest.raises(ValueError):
-        sources.crm_contacts_to_canonical([crm_record(1), crm_record(2, lastmodifieddate=1_764_331_200_000)], RECEIVED)
+def test_epoch_milliseconds_in_crm_lastmodifieddate_are_read_and_garbage_is_quarantined(config):
+    """HubSpot sends ISO text, but epoch milliseconds (number or digits) are read as such;
+    a value that is neither becomes null and is quarantined, never a crash for the batch."""
+    frame = sources.crm_contacts_to_canonical(
+        [crm_record(1), crm_record(2, lastmodifieddate=1_764_331_200_000), crm_record(3, lastmodifieddate="soon")],
+        RECEIVED,
+    )
+    assert frame["observed_at"].iloc[1] == pd.Timestamp(1_764_331_200_000, unit="ms", tz="UTC")
+    outcome = validate_batch(frame, "crm_contact", config)
+    assert outcome.rows_in == outcome.rows_staged + outcome.rows_quarantined + outcome.rows_duplicate
+    quarantined = dict(zip(outcome.quarantine["source_record_id"], outcome.quarantine["failed_expectations"]))
+    assert "observed_at_not_null" in quarantined["1003"]
 
 
 def test_epoch_milliseconds_number_in_an_event_is_read_correctly(config):
