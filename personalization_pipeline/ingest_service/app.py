@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -204,7 +205,15 @@ class _Counters:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
         self.events_accepted: dict[str, int] = {"track": 0, "shopify": 0, "mailchimp": 0}
+        self.rejected: dict[tuple[str, int, str], int] = {}
+        self.bytes_received = 0
         self.started_at = time.time()
+
+    def count_rejected(self, route: str, status: int, reason: str) -> None:
+        # The reason without request-specific details (indexes, sizes), so labels stay few.
+        label = re.sub(r"\[\d+\]|\b\d+\b", "N", reason.split(":")[0])[:80]
+        key = (route, status, label)
+        self.rejected[key] = self.rejected.get(key, 0) + 1
 
     def count_request(self, route: str, status: int) -> None:
         key = (route, status)
@@ -312,6 +321,7 @@ def create_app(
         except ClientDisconnect:
             raise ApiError(400, "client disconnected before the body was complete") from None
         request.state.body_read = True
+        counters.bytes_received += size
         return b"".join(chunks)
 
     def encode(envelopes: list[dict[str, Any]]) -> bytes:
@@ -336,6 +346,7 @@ def create_app(
             try:
                 return await endpoint(request)
             except ApiError as exc:
+                counters.count_rejected(_route_label(request.url.path), exc.status, exc.reason)
                 headers = dict(exc.headers or {})
                 if not getattr(request.state, "body_read", False):
                     # The rest of the body is still on the wire: do not read it (it may be
@@ -506,8 +517,18 @@ def create_app(
                 for t, n in sorted(counters.events_accepted.items())
             ),
         ]
+        lines += ["# TYPE ingest_rejected_total counter"]
+        lines += [
+            f'ingest_rejected_total{{route="{route}",status="{status}",reason="{reason}"}} {n}'
+            for (route, status, reason), n in sorted(counters.rejected.items())
+        ]
+        lines += ["# TYPE ingest_received_bytes_total counter", f"ingest_received_bytes_total {counters.bytes_received}"]
         for name, value in writer.snapshot().items():
-            if isinstance(value, int):
+            if name in ("open_file_age_seconds", "fsync_seconds_max"):
+                lines += [f"# TYPE ingest_landing_{name} gauge", f"ingest_landing_{name} {value}"]
+            elif name == "fsync_seconds_sum":
+                lines += [f"# TYPE ingest_landing_{name} counter", f"ingest_landing_{name} {value}"]
+            elif isinstance(value, int):
                 kind = "gauge" if name in ("open_file_bytes", "pending_appends") else "counter"
                 suffix = "" if kind == "gauge" else "_total"
                 lines += [

@@ -123,6 +123,13 @@ class LandingStats:
     fsync_errors: int = 0
     publish_errors: int = 0
     last_published: str | None = None
+    fsync_seconds_sum: float = 0.0
+    fsync_seconds_max: float = 0.0
+
+    def note_fsync(self, seconds: float) -> None:
+        self.fsyncs += 1
+        self.fsync_seconds_sum += seconds
+        self.fsync_seconds_max = max(self.fsync_seconds_max, seconds)
 
 
 class LandingWriter:
@@ -387,6 +394,7 @@ class LandingWriter:
             self._dirty = False
             fd = os.dup(f.fd) if f is not None else None
         error: OSError | None = None
+        started = time.perf_counter()
         try:
             if fd is not None:
                 os.fsync(fd)
@@ -399,7 +407,7 @@ class LandingWriter:
                 self._syncing = False
                 if error is None:
                     if fd is not None:
-                        self.stats.fsyncs += 1
+                        self.stats.note_fsync(time.perf_counter() - started)
                 else:
                     self.stats.fsync_errors += 1
                     log.error("landing fsync failed: %s", error)
@@ -419,8 +427,9 @@ class LandingWriter:
         f = self._file
         if f is not None and (self._dirty or self._syncing):
             try:
+                started = time.perf_counter()
                 os.fsync(f.fd)
-                self.stats.fsyncs += 1
+                self.stats.note_fsync(time.perf_counter() - started)
             except OSError as exc:
                 # After a failed fsync the kernel may have dropped the dirty pages: nothing
                 # written since the last good sync counts as stored, and the file is retired.
@@ -577,6 +586,10 @@ class LandingWriter:
             "fsync_errors": s.fsync_errors,
             "publish_errors": s.publish_errors,
             "open_file_bytes": f.size if f else 0,
+            # Landing lag: how long the oldest unpublished event has waited to be published.
+            "open_file_age_seconds": round(time.monotonic() - f.opened_monotonic, 3) if f else 0.0,
+            "fsync_seconds_sum": round(s.fsync_seconds_sum, 6),
+            "fsync_seconds_max": round(s.fsync_seconds_max, 6),
             "pending_appends": self._write_seq - self._synced_seq,
             "last_published": Path(s.last_published).name if s.last_published else None,
         }

@@ -577,3 +577,16 @@ def test_no_input_gets_a_500(shared_service, http, route, method, content_type, 
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         assert set(r.json()) == {"error"}
+
+
+def test_metrics_name_rejections_by_reason_fsync_latency_and_landing_lag(service):
+    import requests as http
+
+    bad = http.post(f"{service.url}/webhooks/shopify", data=b"{}", headers={"Content-Type": "application/json",
+                    "X-Shopify-Hmac-Sha256": "AAAA"}, timeout=5)
+    assert bad.status_code == 401
+    text = http.get(f"{service.url}/metrics", timeout=5).text
+    assert 'ingest_rejected_total{route="/webhooks/shopify",status="401",reason="invalid X-Shopify-Hmac-Sha256 signature"} 1' in text
+    for name in ("ingest_received_bytes_total", "ingest_landing_fsync_seconds_sum", "ingest_landing_fsync_seconds_max",
+                 "ingest_landing_open_file_age_seconds", "ingest_events_accepted_total"):
+        assert f"\n{name}" in text or text.startswith(name), name
