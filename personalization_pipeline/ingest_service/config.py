@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-DEFAULT_REPLAY_WINDOW_SECONDS = 300.0
+DEFAULT_REPLAY_WINDOW_SECONDS = 48 * 3600.0
+"""Shopify keeps `X-Shopify-Triggered-At` when it retries a delivery, for up to 48 hours:
+a shorter window would refuse every retry after an outage of the receiver. A replayed
+delivery inside the window is harmless: it repeats its webhook id and is de-duplicated."""
 DEFAULT_ROTATE_BYTES = 8 << 20
 DEFAULT_ROTATE_SECONDS = 5.0
 

@@ -36,6 +36,7 @@ def make_config(landing_dir: Path, **overrides: Any) -> IngestConfig:
         write_keys={WRITE_KEY, "wk_second_source"},
         shopify_secret=SHOPIFY_SECRET,
         mailchimp_webhook_secret=MAILCHIMP_SECRET,
+        replay_window_seconds=300,  # the tests probe the window's edges at minutes
     )
     settings.update(overrides)
     return IngestConfig(**settings)

@@ -32,7 +32,7 @@ def test_from_env_reads_everything(tmp_path):
 def test_defaults(tmp_path):
     config = IngestConfig.from_env(env_for(tmp_path))
     assert config.max_body_bytes == 1 << 20
-    assert config.replay_window_seconds == 300
+    assert config.replay_window_seconds == 48 * 3600  # Shopify retries for 48 h with the original trigger time
     assert config.rotate_bytes == 8 << 20
     assert config.rotate_seconds == 5
 
