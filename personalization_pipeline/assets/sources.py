@@ -34,6 +34,14 @@ between them (the run queue lets two backfill runs go at a time)."""
 PULL_RETRY = dg.RetryPolicy(
     max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL
 )
+PULL_ASSET = dict(
+    partitions_def=source_partitions,
+    group_name="sources",
+    freshness_policy=SOURCE_FRESHNESS,
+    backfill_policy=BACKFILL_CHUNK,
+    retry_policy=PULL_RETRY,
+)
+"""What every windowed pull shares: hourly partitions, freshness, backfill chunks, retries."""
 
 
 def _echo_tags() -> tuple[str, ...]:
@@ -145,6 +153,14 @@ def _stage_partitions(
     return totals
 
 
+def _window_metadata(start: datetime, end: datetime, now: datetime) -> dict:
+    return {
+        "window_start": start.isoformat(),
+        "window_end": max(start, end).isoformat(),
+        "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+    }
+
+
 def _batch_name(context: dg.AssetExecutionContext) -> str:
     keys = context.partition_keys
     return keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"
@@ -159,15 +175,7 @@ def _vendor_failure(exc: VendorError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=exc.status is None or exc.status >= 429)
 
 
-@dg.asset(
-    check_specs=validation_checks("crm_contacts"),
-    partitions_def=source_partitions,
-    group_name="sources",
-    freshness_policy=SOURCE_FRESHNESS,
-    backfill_policy=BACKFILL_CHUNK,
-    kinds={"hubspot", "parquet"},
-    retry_policy=PULL_RETRY,
-)
+@dg.asset(check_specs=validation_checks("crm_contacts"), kinds={"hubspot", "parquet"}, **PULL_ASSET)
 def crm_contacts(
     context: dg.AssetExecutionContext, hubspot: HubSpotResource, lake: LakeResource, runtime: RuntimeResource
 ) -> dg.MaterializeResult:
@@ -197,9 +205,7 @@ def crm_contacts(
             **counts,
             **validation,
             **client.stats.as_metadata(),
-            "window_start": start.isoformat(),
-            "window_end": max(start, end).isoformat(),
-            "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+            **_window_metadata(start, end, now),
         }
     )
 
@@ -226,15 +232,7 @@ def crm_deletions(hubspot: HubSpotResource, lake: LakeResource, runtime: Runtime
     )
 
 
-@dg.asset(
-    check_specs=validation_checks("esp_members"),
-    partitions_def=source_partitions,
-    group_name="sources",
-    freshness_policy=SOURCE_FRESHNESS,
-    backfill_policy=BACKFILL_CHUNK,
-    kinds={"mailchimp", "parquet"},
-    retry_policy=PULL_RETRY,
-)
+@dg.asset(check_specs=validation_checks("esp_members"), kinds={"mailchimp", "parquet"}, **PULL_ASSET)
 def esp_members(
     context: dg.AssetExecutionContext, mailchimp: MailchimpResource, lake: LakeResource, runtime: RuntimeResource
 ) -> dg.MaterializeResult:
@@ -264,22 +262,12 @@ def esp_members(
             "rows_pulled": len(members),
             **counts,
             **client.stats.as_metadata(),
-            "window_start": start.isoformat(),
-            "window_end": max(start, end).isoformat(),
-            "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+            **_window_metadata(start, end, now),
         }
     )
 
 
-@dg.asset(
-    check_specs=validation_checks("esp_engagement"),
-    partitions_def=source_partitions,
-    group_name="sources",
-    freshness_policy=SOURCE_FRESHNESS,
-    backfill_policy=BACKFILL_CHUNK,
-    kinds={"mailchimp", "parquet"},
-    retry_policy=PULL_RETRY,
-)
+@dg.asset(check_specs=validation_checks("esp_engagement"), kinds={"mailchimp", "parquet"}, **PULL_ASSET)
 def esp_engagement(
     context: dg.AssetExecutionContext, mailchimp: MailchimpResource, lake: LakeResource, runtime: RuntimeResource
 ) -> dg.MaterializeResult:
@@ -318,9 +306,7 @@ def esp_engagement(
             **{f"rows_{kind}": int(events.get(kind, 0)) for kind in ("email_opened", "email_clicked", "unsubscribed")},
             "campaigns": len(campaigns),
             **client.stats.as_metadata(),
-            "window_start": start.isoformat(),
-            "window_end": max(start, end).isoformat(),
-            "lag_seconds": round(max(0.0, (now - max(start, end)).total_seconds()), 1),
+            **_window_metadata(start, end, now),
         }
     )
 
