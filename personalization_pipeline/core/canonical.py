@@ -142,3 +142,15 @@ def to_table(rows: Iterable[Mapping[str, object]] | pd.DataFrame) -> pa.Table:
 def to_frame(rows: Iterable[Mapping[str, object]] | pd.DataFrame) -> pd.DataFrame:
     """Canonical rows -> a canonical frame (timestamps tz-aware UTC, nullable ints)."""
     return to_table(rows).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+
+def mask_email(value: object) -> str | None:
+    """``john@example.com`` -> ``j***@example.com``: enough to recognise, not enough to
+    identify (PII never enters Dagster's event log in the clear). Missing -> None;
+    anything without an @ -> ``***``."""
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+        return None
+    local, at, domain = str(value).rpartition("@")
+    if not at or not local:
+        return "***"
+    return f"{local[0]}***@{domain[:100]}"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from personalization_pipeline.core import canonical
 from personalization_pipeline.core.canonical import normalise_identifier
 
 FIELD_TYPES = ("text", "number", "date")
@@ -149,9 +150,5 @@ def chunks(frame: pd.DataFrame, size: int) -> list[pd.DataFrame]:
 
 
 def mask_email(email: object) -> str:
-    """j***@example.com: enough to recognise, not enough to identify."""
-    text = str(email or "")
-    local, _, domain = text.partition("@")
-    if not domain:
-        return "***"
-    return f"{local[:1]}***@{domain}"
+    """`canonical.mask_email`, with a missing address shown as ``***`` too."""
+    return canonical.mask_email(email) or "***"

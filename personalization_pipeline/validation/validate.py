@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from personalization_pipeline.core import canonical
+from personalization_pipeline.core.canonical import mask_email
 from personalization_pipeline.validation.suites import (
     IDENTIFIER_COUNT,
     KIND_SOURCES,
@@ -128,17 +129,6 @@ class ValidationOutcome:
             "unknown_fields": dict(self.unknown_fields),
             "validation_seconds": round(self.seconds, 4),
         }
-
-
-def mask_email(value: Any) -> str | None:
-    """``john@example.com`` -> ``j***@example.com``; anything without an @ -> ``***``."""
-    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
-        return None
-    text = str(value)
-    local, at, domain = text.rpartition("@")
-    if not at or not local:
-        return "***"
-    return f"{local[0]}***@{domain[:100]}"
 
 
 def _as_utc(series: pd.Series) -> pd.Series:
