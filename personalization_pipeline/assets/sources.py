@@ -153,6 +153,23 @@ def _stage_partitions(
     return totals
 
 
+def _validate_and_stage(
+    lake: Lake,
+    source: str,
+    context: dg.AssetExecutionContext,
+    frame: pd.DataFrame,
+    kind: str,
+    raw=None,
+    drop_unchanged: bool = False,
+):
+    """What a windowed pull does with what it pulled: validate, stage the passing rows into
+    their hourly partitions, and report. Returns (staged rows, counts, metadata, checks)."""
+    staged, outcome = validate(lake, source, _batch_name(context), frame, kind, raw=raw)
+    counts = _stage_partitions(lake, source, context, staged, drop_unchanged=drop_unchanged)
+    validation, checks = validation_results([outcome])
+    return staged, counts, validation, checks
+
+
 def _window_metadata(start: datetime, end: datetime, now: datetime) -> dict:
     return {
         "window_start": start.isoformat(),
@@ -191,12 +208,9 @@ def crm_contacts(
                 records.extend(page)
         except VendorError as exc:
             raise _vendor_failure(exc) from None
-    target = lake.get_lake()
-    staged, outcome = validate(
-        target, "crm", _batch_name(context), crm_contacts_to_canonical(records, now), "crm_contact", raw=records
+    _, counts, validation, checks = _validate_and_stage(
+        lake.get_lake(), "crm", context, crm_contacts_to_canonical(records, now), "crm_contact", raw=records
     )
-    counts = _stage_partitions(target, "crm", context, staged)
-    validation, checks = validation_results([outcome])
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
@@ -247,13 +261,10 @@ def esp_members(
                 members.extend(page)
         except VendorError as exc:
             raise _vendor_failure(exc) from None
-    target = lake.get_lake()
-    staged, outcome = validate(
-        target, "esp", _batch_name(context), esp_members_to_canonical(members, now, _echo_tags()), "esp_member",
-        raw=members,
+    _, counts, validation, checks = _validate_and_stage(
+        lake.get_lake(), "esp", context, esp_members_to_canonical(members, now, _echo_tags()), "esp_member",
+        raw=members, drop_unchanged=True,
     )
-    counts = _stage_partitions(target, "esp", context, staged, drop_unchanged=True)
-    validation, checks = validation_results([outcome])
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
@@ -290,11 +301,8 @@ def esp_engagement(
         except VendorError as exc:
             raise _vendor_failure(exc) from None
     frame, activity = esp_engagement_to_canonical(emails, now, start, end)
-    target = lake.get_lake()
-    staged, outcome = validate(target, "engagement", _batch_name(context), frame, "event")
-    counts = _stage_partitions(target, "engagement", context, staged)
+    staged, counts, validation, checks = _validate_and_stage(lake.get_lake(), "engagement", context, frame, "event")
     events = staged["event_type"].value_counts()
-    validation, checks = validation_results([outcome])
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
