@@ -8,7 +8,6 @@ client's work."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import requests
 
 from bench.common import Figure
+from personalization_pipeline.ports import free_ports
 from personalization_pipeline.resources.hubspot import HubSpotClient
 from personalization_pipeline.resources.shared_state import SecretStore, SharedRateLimiter
 from personalization_pipeline.sandbox.server import SandboxConfig
@@ -26,20 +26,10 @@ from personalization_pipeline.sandbox.server import SandboxConfig
 SIZES = {"small": 3_000, "full": 150_000}
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run(size: str) -> list[Figure]:
     people = SIZES[size]
     cfg = SandboxConfig()
-    hub_port, mc_port, shop_port, alerts_port = _free_ports(4)
+    hub_port, mc_port, shop_port, alerts_port = free_ports(4)
     server = subprocess.Popen(
         [
             sys.executable, "-m", "personalization_pipeline.sandbox", "--size", str(people),

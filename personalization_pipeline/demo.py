@@ -12,7 +12,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import requests
+
+from personalization_pipeline.ports import PortInUse, check_port_free
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,21 +40,6 @@ SANDBOX_CREDENTIALS = {
 KAFKA_TOPIC = "pp.events"
 KAFKA_SHARE = 0.3
 """The share of the simulator's requests published to Kafka; the rest go over HTTP."""
-
-
-class PortInUse(Exception):
-    pass
-
-
-def check_port_free(port: int, flag: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            raise PortInUse(
-                f"port {port} on 127.0.0.1 is already in use (is another demo running?). "
-                f"Stop what uses it or pick another port with {flag} PORT."
-            ) from None
 
 
 def wait_http(url: str, seconds: float, proc: subprocess.Popen, name: str) -> None:

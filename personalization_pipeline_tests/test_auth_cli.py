@@ -4,22 +4,16 @@ secret store and the pipeline's clients use them."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import requests
 
+from personalization_pipeline.ports import free_ports
 from personalization_pipeline import auth_cli, settings
 from personalization_pipeline.resources.hubspot import HubSpotResource, hubspot_token_key
 from personalization_pipeline.resources.mailchimp import MailchimpResource, mailchimp_token_key
 from personalization_pipeline.resources.shared_state import SecretStore
 from personalization_pipeline.sandbox.server import SandboxConfig, start_sandbox
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def browser(url: str) -> None:
@@ -40,7 +34,7 @@ def test_hubspot_authorisation_stores_a_refresh_token_the_client_uses(sandbox, m
     monkeypatch.setenv("HUBSPOT_CLIENT_SECRET", cfg.hubspot_client_secret)
     monkeypatch.setenv("HUBSPOT_BASE_URL", sandbox.hubspot_url)
     monkeypatch.setenv("HUBSPOT_AUTHORIZE_URL", f"{sandbox.hubspot_url}/oauth/authorize")
-    message = auth_cli.authorise_hubspot(_free_port(), browser, timeout=20)
+    message = auth_cli.authorise_hubspot(free_ports()[0], browser, timeout=20)
     assert "refresh token is in the secret store" in message
     stored = SecretStore(settings.state_dir() / "secrets.json").get(hubspot_token_key("default", cfg.hubspot_client_id))
     assert stored["refresh_token"] and stored["access_token"]
@@ -58,7 +52,7 @@ def test_mailchimp_authorisation_stores_the_token_and_data_centre(sandbox, monke
     monkeypatch.setenv("MAILCHIMP_AUTHORIZE_URL", f"{sandbox.mailchimp_url}/oauth2/authorize")
     monkeypatch.setenv("MAILCHIMP_TOKEN_URL", f"{sandbox.mailchimp_url}/oauth2/token")
     monkeypatch.setenv("MAILCHIMP_METADATA_URL", f"{sandbox.mailchimp_url}/oauth2/metadata")
-    message = auth_cli.authorise_mailchimp(_free_port(), browser, timeout=20)
+    message = auth_cli.authorise_mailchimp(free_ports()[0], browser, timeout=20)
     assert "data centre us1" in message
     stored = SecretStore(settings.state_dir() / "secrets.json").get(mailchimp_token_key("default"))
     assert stored["access_token"] and stored["dc"] == "us1"
@@ -75,7 +69,7 @@ def test_missing_credentials_are_a_clear_message(monkeypatch, capsys):
 
 
 def test_a_forged_callback_is_refused():
-    port = _free_port()
+    port = free_ports()[0]
 
     def forged(url: str) -> None:
         requests.get(f"http://127.0.0.1:{port}/callback?code=abc&state=not-the-state", timeout=5)

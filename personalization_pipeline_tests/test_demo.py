@@ -17,22 +17,13 @@ import pytest
 import requests
 
 from personalization_pipeline.demo import check_port_free, PortInUse
+from personalization_pipeline.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_ASSETS = [
     "source_snapshot", "crm_contacts", "crm_deletions", "esp_members", "esp_engagement", "stream_events", "kafka_events", "identity_map",
     "identity_conflicts", "resolved_profiles", "profile_attribute_provenance", "esp_attribute_sync",
 ]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_a_busy_port_is_a_clear_message_not_a_traceback():

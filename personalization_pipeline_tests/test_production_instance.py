@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from personalization_pipeline.ports import free_ports
 from personalization_pipeline.assets.sources import stream_events
 from personalization_pipeline.resources.lake import LakeResource
 from personalization_pipeline.resources.landing_zone import LocalLandingZoneResource
@@ -26,12 +26,6 @@ PG_BIN = Path(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres():
     assert (PG_BIN / "initdb").exists(), f"PostgreSQL server binaries not found in {PG_BIN} (.ci/run installs them)"
@@ -39,7 +33,7 @@ def postgres():
     root = Path(tempfile.mkdtemp(prefix="pp-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
-    port = _free_port()
+    port = free_ports()[0]
     as_pg = ["su", "postgres", "-s", "/bin/sh", "-c"] if os.geteuid() == 0 else ["sh", "-c"]
     subprocess.run(
         [*as_pg, f"{PG_BIN}/initdb -D {root}/data -U postgres --auth=trust -E UTF8 --no-sync"],
