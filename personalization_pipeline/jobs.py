@@ -37,9 +37,30 @@ stream_job = dg.define_asset_job(
     tags=PROFILE_WRITER_TAG,
 )
 
+profile_rebuild_job = dg.define_asset_job(
+    "profile_rebuild_job",
+    selection=[*PROFILE_ASSETS, "esp_attribute_sync"],
+    description="Recompute identity and every profile from staged history (after a change of rules, "
+    "limits or mapping this happens by itself), then push what changed.",
+    tags=PROFILE_WRITER_TAG,
+    config={"ops": {"identity_and_profiles": {"config": {"full_rebuild": True}}}},
+)
+
 kafka_stream_job = dg.define_asset_job(
     "kafka_stream_job",
     selection=["kafka_events", *PROFILE_ASSETS, "esp_attribute_sync"],
     description="New Kafka offset ranges -> staged events -> profiles -> push, in one run.",
     tags=PROFILE_WRITER_TAG,
 )
+
+
+from personalization_pipeline.assets.replay import replay_quarantine  # noqa: E402 - an op, not an asset
+
+
+@dg.job(
+    description="Re-validate quarantined rows with the current suites (config/validation.yaml) and stage the "
+    "rows that now pass as replay batches; run config names the sources and a batch range.",
+    tags={"pp/trigger": "quarantine_replay"},
+)
+def quarantine_replay_job():
+    replay_quarantine()

@@ -32,21 +32,29 @@ def test_asset_checks():
     checks = {
         (k.asset_key.to_user_string(), k.name) for k in defs.resolve_asset_graph().asset_check_keys
     }
-    validated = ("crm_contacts", "esp_members", "esp_engagement", "stream_events")
-    assert checks == {("resolved_profiles", "largest_identity_component")} | {
-        (asset, name) for asset in validated for name in ("quarantine_rate", "rows_accounted")
+    validated = ("crm_contacts", "esp_members", "esp_engagement", "stream_events", "kafka_events")
+    assert {(a, n) for a, n in checks if a in validated} == {
+        (asset, name) for asset in validated for name in ("quarantine_rate", "rows_accounted", "row_count_drift")
+    }
+    assert {(a, n) for a, n in checks if a not in validated} == {
+        ("resolved_profiles", "largest_identity_component"),
+        ("resolved_profiles", "share_without_email"),
+        ("identity_conflicts", "conflict_trend"),
     }
     graph = defs.resolve_asset_graph()
-    assert all(graph.get_check_spec(k).blocking for k in graph.asset_check_keys if k.name != "largest_identity_component")
+    # The validation checks: two blocking, the drift warning never blocks.
+    blocking = {k.name for k in graph.asset_check_keys if k.asset_key.to_user_string() in validated and graph.get_check_spec(k).blocking}
+    assert blocking == {"quarantine_rate", "rows_accounted"}
 
 
 def test_jobs_schedules_sensors():
     assert {j.name for j in defs.resolve_all_job_defs()} >= {
-        "source_pull_job", "snapshot_job", "profile_job", "stream_job", "kafka_stream_job",
+        "source_pull_job", "snapshot_job", "profile_job", "stream_job", "kafka_stream_job", "quarantine_replay_job",
     }
     assert {s.name for s in defs.schedules} == {"source_pull_schedule"}
     assert {s.name for s in defs.sensors} == {
         "landing_zone_sensor", "kafka_offsets_sensor", "profile_refresh_sensor", "initial_snapshot_sensor", "run_failure_alert_sensor",
+        "asset_check_alert_sensor",
     }
 
 

@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from personalization_pipeline.assets.profiles import identity_and_profiles
+from personalization_pipeline.assets.profiles import identity_and_profiles, open_store
 from personalization_pipeline.assets.sources import (
     crm_contacts,
     crm_deletions,
@@ -23,7 +23,7 @@ from personalization_pipeline.partitions import landing_partition_key
 from personalization_pipeline.ingest_service.app import start_ingest_service
 from personalization_pipeline.ingest_service.config import IngestConfig
 from personalization_pipeline.resources.hubspot import HubSpotResource
-from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.lake import Lake, LakeResource
 from personalization_pipeline.resources.landing_zone import LocalLandingZoneResource
 from personalization_pipeline.resources.mailchimp import MailchimpResource
 from personalization_pipeline.resources.runtime import RuntimeResource
@@ -132,7 +132,7 @@ def test_whole_loop_over_real_http(world):
     # Profiles and the push.
     profiles_run = dg.materialize([identity_and_profiles, esp_attribute_sync], resources=resources, instance=instance)
     assert profiles_run.success
-    profiles = pd.read_parquet(tmp / "lake" / "tables" / "resolved_profiles.parquet")
+    profiles = open_store(Lake(tmp / "lake")).profiles()
     assert 0 < len(profiles) < 400 * 3
     assert profiles["profile_id"].str.match(r"^p_[0-9a-f]{16}$").all()
     assert profiles["profile_id"].is_unique
@@ -156,13 +156,13 @@ def test_whole_loop_over_real_http(world):
     assert len([p for p in chimp.pushes if p["members"]]) == len(batch_pushes)
 
     # A contact archived in the CRM stops contributing; its history stays staged.
-    identity = pd.read_parquet(tmp / "lake" / "tables" / "identity_map.parquet")
+    identity = open_store(Lake(tmp / "lake")).identity_map()
     crm_ids = set(identity.loc[identity["identifier_type"] == "crm_id", "identifier_value"])
     gone = sorted(crm_ids - edited_contacts)[0]
     hub.archive(gone)
     swept = dg.materialize([crm_deletions, identity_and_profiles], resources=resources, instance=instance)
     assert _metadata(swept, "crm_deletions")["archived_contacts"] >= 1
-    identity = pd.read_parquet(tmp / "lake" / "tables" / "identity_map.parquet")
+    identity = open_store(Lake(tmp / "lake")).identity_map()
     assert gone not in set(identity.loc[identity["identifier_type"] == "crm_id", "identifier_value"])
     again = dg.materialize([crm_deletions], resources=resources, instance=instance)
     assert _metadata(again, "crm_deletions")["rows_new"] == 0  # the deletion is staged once

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import dagster as dg
 
+from personalization_pipeline.assets.sources import validate, validation_checks, validation_results, verdict_of
 from personalization_pipeline.core.events import UNREADABLE_KEY, envelopes_to_canonical
 from personalization_pipeline.jobs import kafka_stream_job
 from personalization_pipeline.resources.kafka import KafkaReadError, KafkaRecord, KafkaResource
@@ -69,6 +70,7 @@ def _parse_ranges(ranges: dict[str, list[int]]) -> list[tuple[int, int, int]]:
 
 
 @dg.asset(
+    check_specs=validation_checks("kafka_events"),
     group_name="sources",
     kinds={"kafka", "parquet"},
     retry_policy=dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL),
@@ -82,8 +84,11 @@ def kafka_events(
 ) -> dg.MaterializeResult:
     """Track events and Shopify webhooks published to Kafka (one envelope per message),
     read by explicit offset ranges and staged as canonical event rows. Each partition's
-    range is its own batch, so re-running or replaying a range rewrites the same rows;
-    messages that cannot be parsed are quarantined with the reason. Offsets are never
+    range is its own batch, so re-running or replaying a range rewrites the same rows.
+    Each batch is validated with the event suite (Great Expectations) like landing files:
+    refused rows go to the validation quarantine with the failed expectations, messages
+    that cannot be parsed to the quarantine with the reason, and both count as quarantined
+    in the batch's verdict and checks. Offsets are never
     committed to a consumer group: the `kafka_offsets_sensor` cursor and the run config
     are the record of what was read."""
     ranges = _parse_ranges(config.ranges)
@@ -94,26 +99,39 @@ def kafka_events(
     messages = rows = rejected = 0
     offsets: dict[str, str] = {}
     by_source: dict[str, int] = {}
+    outcomes, batches = [], []
     for partition, start, end in ranges:
         try:
             records = kafka.read_range(partition, start, end)
         except KafkaReadError as exc:
             raise dg.Failure(description=str(exc), allow_retries=not exc.permanent) from None
         batch = kafka_batch_name(kafka.topic, partition, start, end)
-        frame, rejects = envelopes_to_canonical(records_to_envelopes(records, kafka.topic), catalogue)
-        target.write_staged("stream", batch, frame)
+        envelopes = records_to_envelopes(records, kafka.topic)
+        frame, rejects = envelopes_to_canonical(envelopes, catalogue)
+        raw = [envelopes[p] for p in frame.attrs.pop("envelope_positions", [])] or None
+        staged, outcome = validate(target, "stream", batch, frame, "event", raw=raw)
+        outcome = outcome.with_unparseable(len(rejects))
+        outcomes.append(outcome)
+        batches.append(batch)
+        target.write_staged("stream", batch, staged, *verdict_of(outcome))
         rejected += target.write_quarantine("stream", batch, rejects)
         messages += len(records)
-        rows += len(frame)
+        rows += len(staged)
         offsets[f"offsets_p{partition}"] = f"{start}-{end}"
-        for source, count in frame["source"].value_counts().items():
+        for source, count in staged["source"].value_counts().items():
             by_source[str(source)] = by_source.get(str(source), 0) + int(count)
-    context.log.info(f"staged {rows} events from {messages} Kafka messages in {len(ranges)} ranges; {rejected} quarantined")
+    validation, checks = validation_results(outcomes, context, batches=batches)
+    context.log.info(
+        f"staged {rows} events from {messages} Kafka messages in {len(ranges)} ranges; "
+        f"{validation['rows_quarantined']} quarantined ({rejected} unparseable)"
+    )
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": rows,
             "messages": messages,
-            "rows_quarantined": rejected,
+            **validation,
+            "rows_unparseable": rejected,
             "topic": kafka.topic,
             **offsets,
             **{f"rows_{k}": v for k, v in sorted(by_source.items())},

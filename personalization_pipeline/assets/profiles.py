@@ -1,4 +1,7 @@
-"""Identity resolution and the resolved profile table, written together."""
+"""Identity resolution and the resolved profile table, kept in the profile store and
+updated incrementally: each run applies the staged batches that passed validation and
+were not applied yet, and recomputes only the profiles they touch (PRODUCT.md section 12).
+A configuration change, or the `profile_rebuild_job`, recomputes everything."""
 
 
 import os
@@ -7,17 +10,12 @@ import dagster as dg
 import pandas as pd
 
 from personalization_pipeline import settings
-from personalization_pipeline.core.identity import (
-    IdentityLimits,
-    current_state,
-    profile_id_changes,
-    resolve_identities,
-)
-from personalization_pipeline.core.profiles import build_profiles
-from personalization_pipeline.core.push import mask_email
+from personalization_pipeline.core.canonical import mask_email
+from personalization_pipeline.core.identity import IdentityLimits
 from personalization_pipeline.core.rules import config_hash, load_conflict_rules
 from personalization_pipeline.partitions import PROFILE_FRESHNESS
-from personalization_pipeline.resources.lake import LakeResource
+from personalization_pipeline.resources.lake import Lake, LakeResource
+from personalization_pipeline.resources.profile_store import ProfileStore
 
 RULES_FILE = settings.CONFIG_DIR / "conflict_rules.yaml"
 LIMITS_FILE = settings.CONFIG_DIR / "identity_limits.yaml"
@@ -34,16 +32,35 @@ UPSTREAM = [
 ]
 
 
+def open_store(target: Lake) -> ProfileStore:
+    """The profile store next to the lake, with the configured rules, limits and mapping."""
+    return ProfileStore(
+        target.root / "profile_store",
+        load_conflict_rules(RULES_FILE),
+        IdentityLimits.from_yaml(LIMITS_FILE),
+        config_hash(RULES_FILE, LIMITS_FILE, MAPPING_FILE),
+    )
+
+
 def largest_component_limit() -> int:
     return int(os.environ.get("PP_MAX_COMPONENT_SIZE", "60"))
 
 
-def _masked_sample(profiles: pd.DataFrame, provenance: pd.DataFrame) -> str:
+def conflict_growth_limit() -> tuple[int, float]:
+    """(minimum count, share): the conflict trend warns when the conflicts added over the
+    recent runs exceed both."""
+    return int(os.environ.get("PP_CONFLICT_GROWTH_MIN", "50")), float(os.environ.get("PP_CONFLICT_GROWTH_SHARE", "0.10"))
+
+
+def no_email_share_limit() -> float:
+    return float(os.environ.get("PP_MAX_SHARE_WITHOUT_EMAIL", "0.5"))
+
+
+def masked_sample(profiles: pd.DataFrame, provenance: pd.DataFrame) -> str:
     """One profile and its provenance as Markdown, identifiers masked (no PII in the event log)."""
     if profiles.empty:
         return "_no profiles yet_"
-    candidates = profiles[profiles["primary_email"].notna()] if "primary_email" in profiles else profiles
-    row = (candidates if not candidates.empty else profiles).iloc[0]
+    row = profiles.iloc[0]
     lines = [
         f"**profile** `{row['profile_id']}` — email {mask_email(row.get('primary_email'))}",
         "",
@@ -58,6 +75,11 @@ def _masked_sample(profiles: pd.DataFrame, provenance: pd.DataFrame) -> str:
             f"| {item['attribute']} | {value} | {item['source']} | {item['tier']} | {item['observed_at']} |"
         )
     return "\n".join(lines)
+
+
+class ProfileRunConfig(dg.Config):
+    full_rebuild: bool = False
+    """Recompute every profile from staged history instead of applying new batches."""
 
 
 @dg.multi_asset(
@@ -77,66 +99,106 @@ def _masked_sample(profiles: pd.DataFrame, provenance: pd.DataFrame) -> str:
             "largest_identity_component",
             asset="resolved_profiles",
             description="Fails when one person has more identifiers than PP_MAX_COMPONENT_SIZE (a merge explosion).",
-        )
+        ),
+        dg.AssetCheckSpec(
+            "share_without_email",
+            asset="resolved_profiles",
+            description="Warns when more than PP_MAX_SHARE_WITHOUT_EMAIL of profiles have no email (nothing to push to).",
+        ),
+        dg.AssetCheckSpec(
+            "conflict_trend",
+            asset="identity_conflicts",
+            description="Warns when rejected edges grew by more than PP_CONFLICT_GROWTH_MIN and "
+            "PP_CONFLICT_GROWTH_SHARE over the recent runs (a source starting to share identifiers).",
+        ),
     ],
 )
-def identity_and_profiles(context: dg.AssetExecutionContext, lake: LakeResource):
-    """Resolves identities over the current state of all staged sources and rebuilds the
-    profiles. The four tables are written together so they always agree."""
+def identity_and_profiles(context: dg.AssetExecutionContext, config: ProfileRunConfig, lake: LakeResource):
+    """Applies every staged batch that passed validation and is not in the ledger yet, and
+    recomputes the profiles those batches touch (every profile in a merge or split too).
+    Batches whose blocking check failed are held back and named in the metadata. The four
+    tables and the ledger are committed together in the profile store."""
     target = lake.get_lake()
-    history = target.read_staged()
-    current = current_state(history)
-    limits = IdentityLimits.from_yaml(LIMITS_FILE)
-    rules = load_conflict_rules(RULES_FILE)
-    result = resolve_identities(current, limits)
-    profiles, provenance = build_profiles(current, result.record_profiles, rules, identity_map=result.identity_map)
-
-    previous = target.read_table("record_profiles")
-    changes = (
-        profile_id_changes(previous, result.record_profiles)
-        if previous is not None
-        else pd.DataFrame(columns=["old_profile_id", "new_profile_id"])
-    )
-    if not changes.empty:
-        log = target.read_table("profile_id_changes")
-        stamped = changes.assign(changed_at=pd.Timestamp.now(tz="UTC"))
-        target.write_table("profile_id_changes", pd.concat([log, stamped]) if log is not None else stamped)
-
-    digest = config_hash(RULES_FILE, LIMITS_FILE, MAPPING_FILE)
-    target.write_table("identity_map", result.identity_map)
-    target.write_table("identity_conflicts", result.conflicts)
-    target.write_table("record_profiles", result.record_profiles)
-    target.write_table("profile_attribute_provenance", provenance)
-    target.write_table("resolved_profiles", profiles)
-
-    largest = int(result.components["size"].max()) if not result.components.empty else 0
+    store = open_store(target)
+    if config.full_rebuild:
+        report = store.rebuild(target, run_id=context.run.run_id, reason="profile_rebuild_job")
+    else:
+        report = store.apply(target, run_id=context.run.run_id)
+    if report.batches_held:
+        context.log.warning(
+            f"{len(report.batches_held)} batch(es) held back by a failed validation check: "
+            + ", ".join(report.batches_held[:20])
+        )
+    totals = report.totals
+    sample = "_no profile touched in this run_"
+    if report.sample_profile_id:
+        sample = masked_sample(store.profiles([report.sample_profile_id]), store.provenance(report.sample_profile_id))
+    run = report.as_metadata()
+    digest = store.digest
     yield dg.MaterializeResult(
         asset_key="identity_map",
-        metadata={"dagster/row_count": len(result.identity_map), "config_hash": digest},
+        metadata={"config_hash": digest, "mode": report.mode, "clusters_touched": report.clusters_touched},
     )
     yield dg.MaterializeResult(
-        asset_key="identity_conflicts", metadata={"dagster/row_count": len(result.conflicts)}
+        asset_key="identity_conflicts", metadata={"dagster/row_count": totals.get("conflicts", 0)}
     )
     yield dg.MaterializeResult(
         asset_key="resolved_profiles",
         metadata={
-            "dagster/row_count": len(profiles),
-            "records_in_current_state": len(current),
-            "staged_versions": len(history),
-            "profile_id_changes": len(changes),
-            "largest_component": largest,
-            "profiles_without_email": int(profiles["primary_email"].isna().sum()) if len(profiles) else 0,
+            "dagster/row_count": totals.get("profiles", 0),
+            **run,
+            "held_batches": dg.MetadataValue.md("\n".join(f"- {b}" for b in report.batches_held[:50]) or "_none_"),
+            "largest_component": totals.get("largest_component", 0),
+            "profiles_without_email": totals.get("without_email", 0),
             "config_hash": digest,
-            "sample_profile": dg.MetadataValue.md(_masked_sample(profiles, provenance)),
+            "sample_profile": dg.MetadataValue.md(sample),
         },
     )
     yield dg.MaterializeResult(
-        asset_key="profile_attribute_provenance", metadata={"dagster/row_count": len(provenance)}
+        asset_key="profile_attribute_provenance", metadata={"profiles_written": report.profiles_written}
     )
     limit = largest_component_limit()
+    largest = totals.get("largest_component", 0)
     yield dg.AssetCheckResult(
         check_name="largest_identity_component",
         asset_key="resolved_profiles",
         passed=largest <= limit,
         metadata={"largest_component": largest, "limit": limit},
     )
+    profiles_total = totals.get("profiles", 0)
+    share = totals.get("without_email", 0) / profiles_total if profiles_total else 0.0
+    yield dg.AssetCheckResult(
+        check_name="share_without_email",
+        asset_key="resolved_profiles",
+        passed=share <= no_email_share_limit(),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"share_without_email": round(share, 4), "limit": no_email_share_limit(), "profiles": profiles_total},
+    )
+    history = store.stats(limit=50)
+    growth, before = conflict_growth(history)
+    minimum, fraction = conflict_growth_limit()
+    yield dg.AssetCheckResult(
+        check_name="conflict_trend",
+        asset_key="identity_conflicts",
+        passed=not (growth > minimum and growth > fraction * max(before, 1)),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "conflicts": totals.get("conflicts", 0),
+            "added_over_recent_runs": growth,
+            "conflicts_before": before,
+            "runs_compared": len(history),
+        },
+    )
+
+
+def conflict_growth(history: pd.DataFrame) -> tuple[int, int]:
+    """(conflicts added over the runs in ``history``, conflicts at its start). A rebuild
+    after a configuration change starts a new series."""
+    if history.empty:
+        return 0, 0
+    series = history.reset_index(drop=True)
+    rebuilds = series.index[series["mode"] == "rebuild"]
+    if len(rebuilds) and rebuilds[-1] > 0:
+        series = series.iloc[rebuilds[-1]:]
+    first, last = int(series["conflicts"].iloc[0]), int(series["conflicts"].iloc[-1])
+    return max(0, last - first), first

@@ -9,10 +9,15 @@ import pandas as pd
 
 from personalization_pipeline import settings
 from personalization_pipeline.core.events import envelopes_to_canonical
+from personalization_pipeline.core.identity import current_state
 from personalization_pipeline.core.push import load_field_mapping
 from personalization_pipeline.core.sources import (
     crm_contacts_to_canonical,
     crm_deletions_to_canonical,
+    crm_merged_away_to_canonical,
+    crm_vanished_to_canonical,
+    merged_object_ids,
+    reconcile_slice,
     drop_unchanged_versions,
     esp_engagement_to_canonical,
     esp_members_to_canonical,
@@ -25,6 +30,7 @@ from personalization_pipeline.resources.landing_zone import LandingZoneResource,
 from personalization_pipeline.resources.mailchimp import MailchimpResource
 from personalization_pipeline.resources.runtime import RuntimeResource
 from personalization_pipeline.resources.shop import ShopResource
+from personalization_pipeline.assets.checks import validation_check_results, validation_check_specs
 from personalization_pipeline.validation import validate_batch
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -71,47 +77,17 @@ def validate(lake: Lake, source: str, batch: str, frame: pd.DataFrame, kind: str
     return outcome.staged, outcome
 
 
-def validation_results(outcomes: list) -> tuple[dict, list[dg.AssetCheckResult]]:
-    """Metadata and check results over the batches of one run (a stream run has several)."""
-    counts = {k: sum(getattr(o, k) for o in outcomes) for k in ("rows_in", "rows_staged", "rows_quarantined", "rows_duplicate")}
-    failures: dict[str, int] = {}
-    for outcome in outcomes:
-        for name, count in outcome.failure_counts.items():
-            failures[name] = failures.get(name, 0) + int(count)
-    passed = all(o.passed_threshold for o in outcomes)
-    rate = counts["rows_quarantined"] / max(1, counts["rows_in"] - counts["rows_duplicate"])
-    metadata = {**counts, "quarantine_rate": round(rate, 6), "failed_expectations": failures}
-    checks = [
-        dg.AssetCheckResult(
-            check_name="quarantine_rate",
-            passed=passed,
-            metadata={**counts, "quarantine_rate": round(rate, 6), "failed_expectations": failures},
-        ),
-        dg.AssetCheckResult(
-            check_name="rows_accounted",
-            passed=counts["rows_in"] == counts["rows_staged"] + counts["rows_quarantined"] + counts["rows_duplicate"],
-            metadata=counts,
-        ),
-    ]
-    return metadata, checks
+def validation_results(
+    outcomes: list, context: dg.AssetExecutionContext | None = None, *, by_partition: bool = False, batches=None
+) -> tuple[dict, list[dg.AssetCheckResult]]:
+    """Metadata and check results over the batches of one run (a stream run has several);
+    with ``context``, ``row_count_drift`` too (assets/checks.py)."""
+    return validation_check_results(outcomes, context, by_partition=by_partition, batches=batches)
 
 
 def validation_checks(asset: str) -> list[dg.AssetCheckSpec]:
-    return [
-        dg.AssetCheckSpec(
-            "quarantine_rate",
-            asset=asset,
-            blocking=True,
-            description="Fails when the batch's quarantine rate passes the threshold in config/validation.yaml "
-            "(5% of batches of at least 200 rows, a count below that).",
-        ),
-        dg.AssetCheckSpec(
-            "rows_accounted",
-            asset=asset,
-            blocking=True,
-            description="rows_in = rows_staged + rows_quarantined + rows_duplicate.",
-        ),
-    ]
+    """quarantine_rate and rows_accounted (blocking), row_count_drift (WARN): assets/checks.py."""
+    return validation_check_specs(asset)
 
 
 def _drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: bool) -> pd.DataFrame:
@@ -121,29 +97,45 @@ def _drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: boo
     return drop_unchanged_versions(frame, lake.read_staged(source)) if drop_unchanged else frame
 
 
-def _stage(lake: Lake, source: str, batch: str, frame: pd.DataFrame, drop_unchanged: bool = False) -> dict[str, int]:
+def verdict_of(outcome) -> tuple[str, str | None]:
+    """The manifest verdict of a validated batch: a batch whose quarantine check failed is
+    held back from profiles and the push (PRODUCT.md section 7)."""
+    if outcome is None or outcome.passed_threshold:
+        return "passed", None
+    return "failed", f"quarantine check failed: {outcome.rows_quarantined} of {outcome.rows_in} rows quarantined"
+
+
+def _stage(
+    lake: Lake, source: str, batch: str, frame: pd.DataFrame, drop_unchanged: bool = False, outcome=None
+) -> dict[str, int]:
     before = len(frame)
     frame = _drop_echo(lake, source, frame, drop_unchanged)
-    counts = lake.write_staged(source, batch, frame)
+    counts = lake.write_staged(source, batch, frame, *verdict_of(outcome))
     return {"rows_unchanged": before - len(frame), **counts}
 
 
 def _stage_partitions(
-    lake: Lake, source: str, context: dg.AssetExecutionContext, frame: pd.DataFrame, drop_unchanged: bool = False
+    lake: Lake,
+    source: str,
+    context: dg.AssetExecutionContext,
+    frame: pd.DataFrame,
+    drop_unchanged: bool = False,
+    outcome=None,
 ) -> dict[str, int]:
     """Stage a pull over one or more hourly partitions (a backfill chunk is several): each
     partition's file gets exactly the versions observed in its hour."""
     before = len(frame)
     frame = _drop_echo(lake, source, frame, drop_unchanged)
-    totals = {"rows_unchanged": before - len(frame), "rows_new": 0, "rows_total": 0, "partitions": 0}
+    totals = {"rows_unchanged": before - len(frame), "rows_new": 0, "rows_total": 0, "rows_held": 0, "partitions": 0}
     placed = 0
     for key in context.partition_keys:
         window = source_partitions.time_window_for_partition_key(key)
         part = frame[(frame["observed_at"] >= window.start) & (frame["observed_at"] < window.end)]
-        counts = lake.write_staged(source, key, part)
+        counts = lake.write_staged(source, key, part, *verdict_of(outcome))
         placed += len(part)
         totals["rows_new"] += counts["rows_new"]
         totals["rows_total"] += counts["rows_total"]
+        totals["rows_held"] += counts["rows_held"]
         totals["partitions"] += 1
     if placed != len(frame):
         raise dg.Failure(
@@ -165,8 +157,8 @@ def _validate_and_stage(
     """What a windowed pull does with what it pulled: validate, stage the passing rows into
     their hourly partitions, and report. Returns (staged rows, counts, metadata, checks)."""
     staged, outcome = validate(lake, source, _batch_name(context), frame, kind, raw=raw)
-    counts = _stage_partitions(lake, source, context, staged, drop_unchanged=drop_unchanged)
-    validation, checks = validation_results([outcome])
+    counts = _stage_partitions(lake, source, context, staged, drop_unchanged=drop_unchanged, outcome=outcome)
+    validation, checks = validation_results([outcome], context, by_partition=True)
     return staged, counts, validation, checks
 
 
@@ -198,7 +190,9 @@ def crm_contacts(
 ) -> dg.MaterializeResult:
     """HubSpot contacts whose `lastmodifieddate` falls in the partition's hour, staged as
     canonical rows (one per contact version; re-running never doubles a version). The
-    hour in progress is filled up to now minus the configured lag."""
+    hour in progress is filled up to now minus the configured lag. Contacts merged into a
+    pulled contact (`hs_merged_object_ids`) are staged as deletion versions in the same
+    hour, so a merged-away contact stops contributing."""
     start, end, now = _window(context, runtime)
     client = hubspot.get_client()
     records: list[dict] = []
@@ -208,14 +202,14 @@ def crm_contacts(
                 records.extend(page)
         except VendorError as exc:
             raise _vendor_failure(exc) from None
-    _, counts, validation, checks = _validate_and_stage(
-        lake.get_lake(), "crm", context, crm_contacts_to_canonical(records, now), "crm_contact", raw=records
-    )
+    frame, raw, merged = _crm_versions_with_merges(records, now)
+    _, counts, validation, checks = _validate_and_stage(lake.get_lake(), "crm", context, frame, "crm_contact", raw=raw)
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
             "dagster/row_count": counts["rows_total"],
             "rows_pulled": len(records),
+            "merged_away": merged,
             **counts,
             **validation,
             **client.stats.as_metadata(),
@@ -224,22 +218,92 @@ def crm_contacts(
     )
 
 
+def _crm_versions_with_merges(records: list[dict], now: datetime) -> tuple[pd.DataFrame, list[dict], int]:
+    """Pulled contacts plus a deletion version per contact merged into them, with the raw
+    record of each row (for the quarantine). A batch holds one version per contact: when a
+    contact was paged and then merged away while the window was being pulled, the later
+    of its version and its deletion is kept."""
+    contacts = crm_contacts_to_canonical(records, now)
+    merges = crm_merged_away_to_canonical(records, now)
+    if merges.empty:
+        return contacts, records, 0
+    survivors = {m: r for r in records for m in merged_object_ids(r)}
+    merged_raw = [
+        {"id": i, "merged_into": str(survivors[i]["id"]),
+         "properties": {"lastmodifieddate": (survivors[i].get("properties") or {}).get("lastmodifieddate")}}
+        for i in merges["source_record_id"]
+    ]
+    deleted_at = dict(zip(merges["source_record_id"], merges["observed_at"]))
+    keep_contact = [
+        not (c in deleted_at and deleted_at[c] >= o) for c, o in zip(contacts["source_record_id"], contacts["observed_at"])
+    ]
+    kept_ids = set(contacts.loc[keep_contact, "source_record_id"])
+    keep_merge = [i not in kept_ids for i in merges["source_record_id"]]
+    frame = pd.concat([contacts[keep_contact], merges[keep_merge]], ignore_index=True)
+    raw = [r for r, k in zip(records, keep_contact) if k] + [r for r, k in zip(merged_raw, keep_merge) if k]
+    return frame, raw, int(sum(keep_merge))
+
+
+def _lake_live_crm_ids(lake: Lake) -> list[str]:
+    """The CRM contacts whose latest staged version is not a deletion."""
+    staged = lake.read_staged("crm")
+    if staged.empty:
+        return []
+    live = current_state(staged[staged["record_kind"] == "contact"])
+    return live["source_record_id"].astype(str).tolist()
+
+
+def _last_reconcile_cursor(context: dg.AssetExecutionContext) -> str | None:
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    entry = event.asset_materialization.metadata.get("reconcile_cursor") if event and event.asset_materialization else None
+    value = getattr(entry, "value", None)
+    return str(value) if value not in (None, "") else None
+
+
 @dg.asset(group_name="sources", kinds={"hubspot", "parquet"}, retry_policy=PULL_RETRY)
-def crm_deletions(hubspot: HubSpotResource, lake: LakeResource, runtime: RuntimeResource) -> dg.MaterializeResult:
-    """Contacts archived in HubSpot, staged as deletion versions so they stop contributing
-    to profiles (search never returns archived contacts, so the window pulls cannot see
-    them leave). Runs with every pull; a deletion already staged is not staged twice."""
+def crm_deletions(
+    context: dg.AssetExecutionContext, hubspot: HubSpotResource, lake: LakeResource, runtime: RuntimeResource
+) -> dg.MaterializeResult:
+    """Contacts that left HubSpot, staged as deletion versions so they stop contributing
+    to profiles (search never returns them, so the window pulls cannot see them leave):
+
+    - archived contacts, from the archived list, observed at `archivedAt`;
+    - gdpr-deleted contacts, which vanish from every list: a rotating reconciliation
+      batch-reads the contacts the lake believes live (100 per call, at most
+      `reconcile_calls_per_run` calls per run) and stages a deletion, observed now, for
+      each id HubSpot no longer has and did not archive. A merged-away id found this way
+      (HubSpot answers it with the contact it went into) gets its deletion at the survivor's
+      `lastmodifieddate`, as the window pull would have staged it.
+
+    Runs with every pull; a deletion already staged is not staged twice."""
     now = runtime.clock().now()
     client = hubspot.get_client()
+    target = lake.get_lake()
     try:
         records = [r for page in client.archived_contacts() for r in page]
+        archived = {str(r["id"]) for r in records}
+        cursor = _last_reconcile_cursor(context)
+        live = [i for i in _lake_live_crm_ids(target) if i not in archived]
+        checked, next_cursor = reconcile_slice(live, cursor, 100 * max(0, hubspot.reconcile_calls_per_run))
+        gone, survivors = client.contacts_gone(checked, max_calls=hubspot.reconcile_calls_per_run)
     except VendorError as exc:
         raise _vendor_failure(exc) from None
-    counts = _stage(lake.get_lake(), "crm", "deletions", crm_deletions_to_canonical(records, now))
+    vanished = sorted(gone - archived)
+    merged = crm_merged_away_to_canonical(survivors, now)
+    merged = merged[merged["source_record_id"].isin(set(checked))]
+    frame = pd.concat(
+        [crm_deletions_to_canonical(records, now), crm_vanished_to_canonical(vanished, now, now), merged],
+        ignore_index=True,
+    )
+    counts = _stage(target, "crm", "deletions", frame)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": counts["rows_total"],
             "archived_contacts": len(records),
+            "reconciled_contacts": len(checked),
+            "vanished_contacts": len(vanished),
+            "merged_away_found": len(merged),
+            "reconcile_cursor": next_cursor or "",
             **counts,
             **client.stats.as_metadata(),
         }
@@ -341,8 +405,8 @@ def source_snapshot(
     esp_rows, esp_outcome = validate(
         target, "esp", "snapshot", esp_members_to_canonical(members, now, _echo_tags()), "esp_member", raw=members
     )
-    crm = _stage(target, "crm", "snapshot", crm_rows)
-    esp = _stage(target, "esp", "snapshot", esp_rows, drop_unchanged=True)
+    crm = _stage(target, "crm", "snapshot", crm_rows, outcome=crm_outcome)
+    esp = _stage(target, "esp", "snapshot", esp_rows, drop_unchanged=True, outcome=esp_outcome)
     validation, _ = validation_results([crm_outcome, esp_outcome])
     return dg.MaterializeResult(
         metadata={
@@ -399,19 +463,16 @@ def stream_events(
             raise dg.Failure(description=f"landing file {name} does not exist (moved by retention?)") from None
         # Unreadable lines come back as envelopes that parse into rejects, with the reason.
         frame, rejects = envelopes_to_canonical(envelopes, catalogue)
-        raw = [envelopes[p] for p in frame.attrs.get("envelope_positions", [])] or None
+        raw = [envelopes[p] for p in frame.attrs.pop("envelope_positions", [])] or None
         staged, outcome = validate(target, "stream", batch_id(name), frame, "event", raw=raw)
         outcomes.append(outcome)
-        target.write_staged("stream", batch_id(name), staged)
+        target.write_staged("stream", batch_id(name), staged, *verdict_of(outcome))
         rejected += target.write_quarantine("stream", batch_id(name), rejects)
         rows += len(staged)
         for source, count in staged["source"].value_counts().items():
             by_source[str(source)] = by_source.get(str(source), 0) + int(count)
     context.log.info(f"staged {rows} events from {len(files)} landing files; {rejected} unparseable")
-    validation, checks = validation_results(outcomes) if outcomes else ({}, [
-        dg.AssetCheckResult(check_name=name, passed=True, metadata={"rows_in": 0})
-        for name in ("quarantine_rate", "rows_accounted")
-    ])
+    validation, checks = validation_results(outcomes, context, batches=[batch_id(name) for name in files])
     return dg.MaterializeResult(
         check_results=checks,
         metadata={

@@ -4,7 +4,7 @@
 import dagster as dg
 import pandas as pd
 
-from personalization_pipeline.assets.profiles import MAPPING_FILE
+from personalization_pipeline.assets.profiles import MAPPING_FILE, open_store
 from personalization_pipeline.core.identity import current_state
 from personalization_pipeline.core.push import (
     changed_members,
@@ -53,10 +53,11 @@ def esp_attribute_sync(
     errors go to `sync_failures` and are retried on later runs, then dead-lettered."""
     target, store = lake.get_lake(), state.get_store()
     mapping = load_field_mapping(MAPPING_FILE)
-    profiles = target.read_table("resolved_profiles")
-    identity_map = target.read_table("identity_map")
-    if profiles is None or identity_map is None:
+    profile_store = open_store(target)
+    if profile_store.current_path() is None:
         raise dg.Failure(description="resolved_profiles has not been materialised yet")
+    profiles = profile_store.profiles()
+    identity_map = profile_store.identity_map()
     members = known_members(current_state(target.read_staged("esp")))
     list_id = mailchimp.list_id
     client = mailchimp.get_client()

@@ -24,6 +24,7 @@ Decisions the brief leaves open, made here and tested:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -39,10 +40,12 @@ from personalization_pipeline.core.identity import (
     _canonical_order,
     _encode,
     _group_argmin,
+    _id_strings,
     _micros,
     _sorted_codes,
     _stamps,
     _str_series,
+    _take_low_cardinality,
     _take_objects,
     normalised_codes,
     record_keys,
@@ -96,7 +99,26 @@ def build_profiles(
     the attribute's tiers), sorted by (attribute, profile_id).
     """
     current = current.reset_index(drop=True)
-    assignment = _assign(current, record_profiles, identity_map)
+    rule_columns = sorted(
+        {
+            column
+            for tiers in rules.attributes.values()
+            for tier in tiers
+            for column in tier.values()
+        }
+        & set(current.columns)
+    )
+    # Arrow's kernels and numpy's sorts release the GIL: the records' alignment with
+    # ``record_profiles`` and which values are blank in every column the rules read are
+    # worked out on other threads while the profile ids are coded.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        aligned = pool.submit(_aligned_rows, current, record_profiles)
+        blank_checks = {
+            column: pool.submit(_non_blank, _arrow_strings(current[column]))
+            for column in rule_columns
+        }
+        assignment = _assign(current, record_profiles, identity_map, aligned.result)
+        non_blank = {column: future.result() for column, future in blank_checks.items()}
     rows, profile_of_row, profile_ids, map_profiles = assignment
     n_profiles = len(profile_ids)
     observed_all = _micros(current["observed_at"], _I64_MIN)
@@ -129,7 +151,9 @@ def build_profiles(
 
     def present(column: str) -> np.ndarray:
         if column not in present_cache:
-            present_cache[column] = _non_blank(_arrow_strings(current[column]))[rows]
+            if column not in non_blank:
+                non_blank[column] = _non_blank(_arrow_strings(current[column]))
+            present_cache[column] = non_blank[column][rows]
         return present_cache[column]
 
     provenance_parts = []
@@ -144,8 +168,13 @@ def build_profiles(
                 )
                 candidates.append(members)
                 tier_of.append(np.full(len(members), tier_index, dtype=np.int64))
-                column_of.append(np.full(len(members), len(used_columns), dtype=np.int64))
-                used_columns.append(column)
+                # One number per distinct column: a column several classes read (city,
+                # country) is then taken once for all its winners.
+                if column not in used_columns:
+                    used_columns.append(column)
+                column_of.append(
+                    np.full(len(members), used_columns.index(column), dtype=np.int64)
+                )
         candidate = _concat(candidates)
         tier_of_candidate = _concat(tier_of)
         column_of_candidate = _concat(column_of)
@@ -175,7 +204,10 @@ def build_profiles(
 
 
 def _assign(
-    current: pd.DataFrame, record_profiles: pd.DataFrame, identity_map: pd.DataFrame | None
+    current: pd.DataFrame,
+    record_profiles: pd.DataFrame,
+    identity_map: pd.DataFrame | None,
+    aligned_rows: Callable[[], np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray | None]:
     """Join records to profiles.
 
@@ -184,7 +216,17 @@ def _assign(
     ``identity_map`` (None without one). Every profile of ``identity_map`` is included,
     even one that owns no record.
     """
-    position = _aligned_rows(current, record_profiles)
+    record_ids = _arrow_strings(record_profiles["profile_id"])
+    map_ids = None if identity_map is None else _arrow_strings(identity_map["profile_id"])
+    coded = _profile_codes_from_numbers(record_ids, map_ids)
+    if coded is None:
+        coded = _profile_codes_from_strings(record_ids, map_ids)
+    record_codes, map_codes, profile_ids = coded
+    # ``aligned_rows``: the same as ``_aligned_rows(current, record_profiles)``, computed
+    # by the caller on another thread while the codes above were worked out.
+    position = (
+        aligned_rows() if aligned_rows is not None else _aligned_rows(current, record_profiles)
+    )
     if position is None:
         position = (
             pc.index_in(record_keys(record_profiles), value_set=record_keys(current))
@@ -192,12 +234,6 @@ def _assign(
             .to_numpy(zero_copy_only=False)
             .astype(np.int64)
         )
-    record_ids = _arrow_strings(record_profiles["profile_id"])
-    map_ids = None if identity_map is None else _arrow_strings(identity_map["profile_id"])
-    coded = _profile_codes_from_numbers(record_ids, map_ids)
-    if coded is None:
-        coded = _profile_codes_from_strings(record_ids, map_ids)
-    record_codes, map_codes, profile_ids = coded
     found = (position >= 0) & (record_codes >= 0)
     return position[found], record_codes[found], profile_ids, map_codes
 
@@ -217,7 +253,7 @@ def _profile_codes_from_numbers(
     universe = np.sort(np.concatenate(parts))
     if len(universe) > 1:
         universe = universe[np.concatenate([[True], universe[1:] != universe[:-1]])]
-    codes = [np.searchsorted(universe, part).astype(np.int64) for part in parts]
+    codes = [_positions_in(universe, part) for part in parts]
     text = np.empty((len(universe), 18), dtype=np.uint8)
     text[:, 0], text[:, 1] = ord("p"), ord("_")
     digits = universe.astype(">u8").view(np.uint8).reshape(-1, 8)
@@ -230,6 +266,37 @@ def _profile_codes_from_numbers(
         pa.py_buffer(text.tobytes()),
     )
     return codes[0], (codes[1] if map_numbers is not None else None), profile_ids
+
+
+def _positions_in(universe: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(universe, needles)`` for a sorted, distinct ``universe`` that
+    holds every needle.
+
+    Profile numbers are sha256 prefixes, spread evenly over 64 bits, so their top bits
+    say almost exactly where each one sits: start at its bucket's first element and step
+    to it (rarely more than a step or two). A binary search over a million numbers per
+    record costs several times more. Uneven numbers fall back to the binary search.
+    """
+    n = len(universe)
+    if n == 0 or len(needles) == 0:
+        return np.searchsorted(universe, needles).astype(np.int64)
+    bits = min(n.bit_length() + 1, 26)
+    shift = np.uint64(64 - bits)
+    counts = np.bincount((universe >> shift).astype(np.int64), minlength=1 << bits)
+    if counts.max() > 64:
+        return np.searchsorted(universe, needles).astype(np.int64)
+    start = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=start[1:])
+    position = start[(needles >> shift).astype(np.int64)]
+    pending = np.flatnonzero(universe[np.minimum(position, n - 1)] != needles)
+    for _ in range(int(counts.max())):
+        if len(pending) == 0:
+            break
+        position[pending] += 1
+        pending = pending[universe[np.minimum(position[pending], n - 1)] != needles[pending]]
+    if len(pending):  # a needle outside the universe: the caller broke the contract
+        raise ValueError("profile number not found in the universe of profile ids")
+    return position
 
 
 def _profile_numbers(ids: pa.Array) -> np.ndarray | None:
@@ -424,12 +491,12 @@ def _provenance(
     record_ids = _arrow_strings(current["source_record_id"])
     return pd.DataFrame(
         {
-            "profile_id": _str_series(profile_ids.take(pa.array(_concat(profiles)))),
+            "profile_id": _str_series(_take_fixed_width(profile_ids, _concat(profiles))),
             "attribute": _str_series(names.take(pa.array(_concat(name_index)))),
             "value": _str_series(
                 pa.concat_arrays(values) if values else pa.array([], type=pa.large_string())
             ),
-            "source": _str_series(_arrow_strings(current["source"]).take(taken)),
+            "source": _str_series(_take_low_cardinality(current["source"], source_rows)),
             "source_record_id": _str_series(record_ids.take(taken)),
             "observed_at": _stamps(observed_all[source_rows], _I64_MIN),
             "tier": pd.Series(_concat(tiers), dtype=np.int64),
@@ -533,6 +600,22 @@ def _non_blank(array: pa.Array) -> np.ndarray:
 
 def _equals(column: pd.Series, value: str) -> np.ndarray:
     return pc.equal(_arrow_strings(column), value).fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _take_fixed_width(array: pa.Array, index: np.ndarray) -> pa.Array:
+    """``array.take(index)`` for strings; ids that all have one width (profile ids) are
+    gathered as fixed-size rows by numpy, several times faster than Arrow's take."""
+    array = _arrow_strings(array)
+    n = len(array)
+    if n == 0 or array.null_count:
+        return array.take(pa.array(index, type=pa.int64()))
+    buffers = array.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int64, count=n + 1 + array.offset)[array.offset:]
+    width = int(offsets[1] - offsets[0])
+    if width == 0 or not (np.diff(offsets) == width).all():
+        return array.take(pa.array(index, type=pa.int64()))
+    data = np.frombuffer(buffers[2], dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(n, width)
+    return _id_strings(data, index)
 
 
 def _take_nullable(array: pa.Array, index: np.ndarray) -> pa.Array:

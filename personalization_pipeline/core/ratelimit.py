@@ -56,3 +56,26 @@ def backoff_delay(
     if retry_after is not None:
         return max(float(retry_after), jittered)
     return jittered
+
+
+BACKFILL_TAG = "dagster/backfill"
+"""The tag Dagster puts on every run a backfill launches (its value is the backfill id)."""
+
+
+def is_backfill_run(tags: dict[str, str] | None) -> bool:
+    """Whether a run's tags say a backfill launched it."""
+    return bool(tags) and bool(tags.get(BACKFILL_TAG))
+
+
+def backfill_share(limit: RateLimit, live_reserve: float) -> RateLimit:
+    """The bucket that every backfill run of one account shares: the account's limit less
+    the share reserved for live runs.
+
+    Backfill requests pass this bucket first and then the account's bucket, so together
+    they never take more than (1 - live_reserve) of the account's rate, however many
+    backfill runs there are. Live requests pass the account's bucket only: it is never
+    booked up ahead by backfill reservations, so a live request waits for about one slot
+    at most, and live runs alone can still use the whole rate."""
+    if not 0.0 <= live_reserve < 1.0:
+        raise ValueError(f"live_reserve must be in [0, 1), got {live_reserve!r}")
+    return RateLimit(limit.requests * (1.0 - live_reserve), limit.per_seconds, burst=1)

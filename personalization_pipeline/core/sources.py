@@ -222,3 +222,89 @@ def crm_deletions_to_canonical(records: Iterable[dict], received_at: datetime) -
         for record in records
     ]
     return canonical.to_frame(rows) if rows else canonical.empty_frame()
+
+
+def merged_object_ids(record: dict) -> list[str]:
+    """The ids HubSpot merged into `record` (`hs_merged_object_ids`, semicolon-separated),
+    without the record's own id (a merge that creates a new id lists both old ones)."""
+    raw = (record.get("properties") or {}).get("hs_merged_object_ids")
+    own = str(record.get("id"))
+    ids = [part.strip() for part in str(raw or "").split(";")]
+    return list(dict.fromkeys(i for i in ids if i and i != own))
+
+
+def crm_merged_away_to_canonical(records: Iterable[dict], received_at: datetime) -> pd.DataFrame:
+    """HubSpot contacts (search or batch-read results) -> one deletion version per contact
+    merged into them, observed at the surviving contact's `lastmodifieddate`, so it lands
+    in the same hourly partition as the survivor's version that announced the merge.
+
+    A merged-away id leaves search for good, so without this its last version would keep
+    contributing. Every later version of the survivor lists it again: the deletion is
+    re-stated, never undone."""
+    rows = []
+    for record in records:
+        props = record.get("properties") or {}
+        observed = _hubspot_time(props.get("lastmodifieddate") or record.get("updatedAt"))
+        for merged_id in merged_object_ids(record):
+            rows.append(
+                {
+                    "source": "crm",
+                    "source_class": "crm",
+                    "source_record_id": merged_id,
+                    "observed_at": observed,
+                    "received_at": received_at,
+                    "record_kind": "contact",
+                    "is_deleted": True,
+                    "crm_id": merged_id,
+                }
+            )
+    if not rows:
+        return canonical.empty_frame()
+    frame = canonical.to_frame(rows)
+    # A batch holds one version per record: an id listed by two survivors (merges chain)
+    # keeps its latest statement.
+    frame = frame.sort_values(["source_record_id", "observed_at"], kind="stable")
+    return frame.drop_duplicates(["source_record_id"], keep="last").reset_index(drop=True)
+
+
+def crm_vanished_to_canonical(contact_ids: Iterable[str], observed_at: datetime, received_at: datetime) -> pd.DataFrame:
+    """Contacts HubSpot no longer has at all (gdpr-deleted: in no list, not archived) ->
+    deletion versions observed when the reconciliation found them gone (HubSpot keeps no
+    trace of when), so they stop contributing from then on."""
+    ids = list(dict.fromkeys(str(i) for i in contact_ids))
+    rows = [
+        {
+            "source": "crm",
+            "source_class": "crm",
+            "source_record_id": contact_id,
+            "observed_at": observed_at,
+            "received_at": received_at,
+            "record_kind": "contact",
+            "is_deleted": True,
+            "crm_id": contact_id,
+        }
+        for contact_id in ids
+    ]
+    return canonical.to_frame(rows) if rows else canonical.empty_frame()
+
+
+def _id_order(value: str) -> tuple[int, int | str]:
+    text = str(value)
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def reconcile_slice(live_ids: Iterable[str], after: str | None, max_ids: int) -> tuple[list[str], str | None]:
+    """The next slice of a rotating sweep over `live_ids` (the CRM ids the lake believes
+    live): up to `max_ids` ids after the cursor `after`, in id order. Returns (slice, next
+    cursor); the cursor is None once the sweep reached the end, so the next run starts a
+    new sweep from the lowest id. A sweep of N ids takes ceil(N / max_ids) runs, whatever N."""
+    if max_ids < 1:
+        return [], after
+    ordered = sorted({str(i) for i in live_ids}, key=_id_order)
+    start = 0
+    if after is not None:
+        cursor = _id_order(after)
+        start = next((n for n, i in enumerate(ordered) if _id_order(i) > cursor), len(ordered))
+    chosen = ordered[start : start + max_ids]
+    done = start + max_ids >= len(ordered)
+    return chosen, (None if done or not chosen else chosen[-1])

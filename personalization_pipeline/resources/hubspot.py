@@ -16,13 +16,13 @@ from urllib.parse import urlsplit
 import dagster as dg
 import requests
 from oauthlib.oauth2 import OAuth2Error, TokenExpiredError
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from requests_oauthlib import OAuth2Session
 
 from personalization_pipeline import settings
 from personalization_pipeline.core.breaker import BreakerPolicy
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
-from personalization_pipeline.core.ratelimit import RateLimit, backoff_delay
+from personalization_pipeline.core.ratelimit import RateLimit, backoff_delay, is_backfill_run
 from personalization_pipeline.resources.http import (
     RETRYABLE_STATUS,
     CallStats,
@@ -44,7 +44,12 @@ DEFAULT_PROPERTIES = (
     "loyalty_tier",
     "lastmodifieddate",
     "hs_object_id",
+    "hs_merged_object_ids",
 )
+"""`hs_merged_object_ids` names the contacts merged into this one (semicolon-separated):
+they left search for good, and become deletion versions (core.sources.crm_merged_away_to_canonical)."""
+BATCH_SIZE = 100
+"""HubSpot's batch endpoints take at most 100 inputs per call."""
 PAGE_SIZE = 200
 """HubSpot's maximum page size for search."""
 PACING_SAFETY = 0.98
@@ -107,9 +112,13 @@ class HubSpotClient:
         clock: Clock = SYSTEM_CLOCK,
         account: str = "default",
         breaker: SharedCircuitBreaker | None = None,
+        backfill: bool = False,
+        live_reserve: float = 0.0,
     ) -> None:
         """`breaker` (the account's shared circuit breaker) makes calls fail fast while
-        HubSpot is down. `clock` times token lifetimes, rate limits and backoff. These are measured
+        HubSpot is down. `backfill` (a run a backfill launched) makes every request wait
+        in the account's backfill bucket first, which leaves `live_reserve` of each rate
+        limit to live runs. `clock` times token lifetimes, rate limits and backoff. These are measured
         against the vendor's real clock (and shared with other processes), so production
         code passes the system clock; tests may pass a manual one to avoid sleeping."""
         self.base_url = base_url.rstrip("/")
@@ -125,6 +134,8 @@ class HubSpotClient:
             )
         self._store = secret_store
         self._limiter = limiter
+        self._backfill = backfill
+        self._live_reserve = live_reserve
         # Pace a little under the published limits: the vendor counts arrivals in a rolling
         # window, and a request delayed on our side bunches up with the next one.
         self._limits = {
@@ -156,9 +167,14 @@ class HubSpotClient:
     # -- auth -------------------------------------------------------------------------
 
     def _before_attempt(self, limit_key: str) -> float:
-        waited = self._limiter.acquire(f"hubspot:{self._account}:default", self._limits["default"])
+        def acquire(name: str) -> float:
+            return self._limiter.acquire_shared(
+                f"hubspot:{self._account}:{name}", self._limits[name], self._backfill, self._live_reserve
+            )
+
+        waited = acquire("default")
         if limit_key == "search":
-            waited += self._limiter.acquire(f"hubspot:{self._account}:search", self._limits["search"])
+            waited += acquire("search")
         return waited
 
     def _on_429(self, retry_after: float) -> None:
@@ -355,6 +371,45 @@ class HubSpotClient:
             if not after:
                 return
 
+    def contacts_gone(self, contact_ids: list[str], max_calls: int | None = None) -> tuple[set[str], list[dict]]:
+        """Which of `contact_ids` HubSpot no longer has as live contacts, by batch read
+        (`POST .../batch/read`, 100 ids a call, so ceil(len / 100) calls, at most `max_calls`
+        when given: the caller slices the ids to fit).
+
+        Returns (gone, merged_into): `gone` are ids HubSpot answers neither by themselves
+        nor as a merge of another record (archived or gdpr-deleted: gdpr-deleted contacts are
+        in no list at all); `merged_into` are the surviving records that answered for ids
+        merged away (HubSpot answers a merged-away id with the record it went into).
+        """
+        ids = list(dict.fromkeys(str(i) for i in contact_ids))
+        calls = -(-len(ids) // BATCH_SIZE)
+        if max_calls is not None and calls > max_calls:
+            raise ValueError(f"{len(ids)} ids need {calls} batch reads, more than max_calls={max_calls}")
+        gone: set[str] = set()
+        merged_into: dict[str, dict] = {}
+        for at in range(0, len(ids), BATCH_SIZE):
+            chunk = ids[at : at + BATCH_SIZE]
+            payload = self._loop.json(
+                "POST",
+                f"{self.base_url}/crm/v3/objects/contacts/batch/read",
+                # 207 (some ids not found) is an answer, not an error.
+                json={
+                    "inputs": [{"id": i} for i in chunk],
+                    "properties": ["hs_object_id", "lastmodifieddate", "hs_merged_object_ids"],
+                },
+            )
+            results = self._check_page(payload)
+            answered: set[str] = set()
+            for record in results:
+                answered.add(str(record["id"]))
+                merged = str((record.get("properties") or {}).get("hs_merged_object_ids") or "")
+                covered = {m.strip() for m in merged.split(";") if m.strip()} & set(chunk)
+                if covered - {str(record["id"])}:
+                    merged_into[str(record["id"])] = record
+                answered |= covered
+            gone |= set(chunk) - answered
+        return gone, list(merged_into.values())
+
     def _drain_instant(self, instant_ms: int, props: list[str]) -> Iterator[list[dict]]:
         after_id = 0
         while True:
@@ -398,6 +453,12 @@ class HubSpotResource(dg.ConfigurableResource):
     )
     private_app_token: Optional[str] = None
     properties: list[str] = Field(default_factory=lambda: list(DEFAULT_PROPERTIES))
+    reconcile_calls_per_run: int = Field(
+        default=10,
+        description="Batch reads (100 contacts each) that `crm_deletions` spends per run checking that the "
+        "contacts the lake believes live still exist in HubSpot (gdpr-deleted contacts vanish from every "
+        "list). A full sweep of N live contacts takes ceil(N / (100 x this)) runs.",
+    )
     requests_per_10s: float = 100
     search_per_second: float = 4
     max_attempts: int = 6
@@ -409,7 +470,18 @@ class HubSpotResource(dg.ConfigurableResource):
     breaker_cooldown_seconds: float = Field(
         default=60, description="How long the open breaker refuses calls before one probe request."
     )
+    live_reserve: float = Field(
+        default=0.25,
+        description="Share of each HubSpot rate limit that runs launched by a backfill (tag dagster/backfill) "
+        "leave to live runs: all backfill runs of the account together pace at most at (1 - this) of the rate, "
+        "so a live pull never queues behind a backfill's backlog.",
+    )
     state_dir: Optional[str] = Field(default=None, description="Defaults to $PP_DATA_DIR/state.")
+    _backfill: bool = PrivateAttr(default=False)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        run = context.run
+        self._backfill = is_backfill_run(run.tags if run is not None else None)
 
     def get_client(self) -> HubSpotClient:
         state = settings.state_dir(self.state_dir)
@@ -437,4 +509,6 @@ class HubSpotResource(dg.ConfigurableResource):
             retry=RetryPolicy(max_attempts=self.max_attempts, timeout_seconds=self.timeout_seconds),
             account=self.account,
             breaker=breaker,
+            backfill=self._backfill,
+            live_reserve=self.live_reserve,
         )

@@ -1,7 +1,10 @@
-"""Staged history, quarantine and resolved tables as Parquet files (pyarrow).
+"""Staged history, held batches, quarantine and resolved tables as Parquet files (pyarrow).
 
 Layout under the lake root:
   staged/<source>/<batch>.parquet      canonical rows; one file per partition or landing file
+  held/<source>/<batch>.parquet        rows of writes whose batch failed its blocking check
+  manifest.sqlite                      one row per staged or held batch: content hash, rows,
+                                       verdict (passed = staged, failed = held) and reason
   quarantine/<source>/<batch>.parquet  rows that could not be staged, with the reason
   tables/<name>.parquet                resolved tables (identity map, profiles, provenance, ...)
 
@@ -9,13 +12,28 @@ Every write goes to a temporary file and is published with an atomic rename, so 
 run never leaves half a file. Staged history is append-only by version: re-writing a
 batch unions the new rows with the old and keeps one row per (source, source_record_id,
 observed_at).
+
+A batch that fails its blocking quarantine check (PRODUCT.md section 7) is held back: its
+rows go to ``held/``, never into staged history, so profiles and the push never see them,
+and the staged file of the same partition keeps what earlier, passing writes put there.
+Staged history therefore only ever grows by passing batches, which is what lets the
+profile step's ledger apply each (batch, content hash) once and still equal a full
+rebuild. A re-run of the partition that passes (after a fix upstream, or a suite change)
+stages its rows as usual; held files stay for inspection.
+
+The manifest row is written after the file is published, so a batch the manifest names
+always has its file; a staged file that a crash left unregistered is registered by
+``register_unlisted`` (the full rebuild calls it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sqlite3
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -42,19 +60,127 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+VERDICTS = ("passed", "failed")
+"""A batch write's verdict: ``passed`` rows are staged; ``failed`` ones are held back."""
+
+_MANIFEST_DDL = """
+create table if not exists batches (
+    source text not null,
+    batch text not null,
+    verdict text not null,
+    content_hash text not null,
+    rows integer not null,
+    reason text,
+    written_at text not null,
+    primary key (source, batch, verdict)
+)
+"""
+
+
+def content_hash(frame: pd.DataFrame) -> str:
+    """A digest of a batch's rows (a canonical frame, as ``Lake.read_file`` returns it)."""
+    if frame.empty:
+        return "empty"
+    rows = pd.util.hash_pandas_object(frame[list(canonical.CANONICAL_COLUMNS)], index=False)
+    return hashlib.sha256(rows.to_numpy().tobytes()).hexdigest()[:32]
+
+
 class Lake:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    # -- the manifest of batches -------------------------------------------------------
+
+    def _manifest(self) -> sqlite3.Connection:
+        self.root.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.root / "manifest.sqlite", timeout=60, isolation_level=None)
+        conn.execute("pragma journal_mode=wal")
+        conn.execute(_MANIFEST_DDL)
+        return conn
+
+    def _register(
+        self, source: str, batch: str, verdict: str, digest: str, rows: int, reason: Optional[str]
+    ) -> None:
+        conn = self._manifest()
+        try:
+            conn.execute(
+                "insert into batches values (?, ?, ?, ?, ?, ?, ?) on conflict (source, batch, verdict) do update "
+                "set content_hash = excluded.content_hash, rows = excluded.rows, reason = excluded.reason, "
+                "written_at = excluded.written_at",
+                (source, batch, verdict, digest, rows, reason, datetime.now(timezone.utc).isoformat()),
+            )
+        finally:
+            conn.close()
+
+    def batches(self, verdict: Optional[str] = None) -> pd.DataFrame:
+        """Batches in the manifest (all, or of one verdict): source, batch, verdict,
+        content_hash, rows, reason, written_at."""
+        conn = self._manifest()
+        try:
+            if verdict is None:
+                return pd.read_sql_query("select * from batches order by source, batch, verdict", conn)
+            return pd.read_sql_query(
+                "select * from batches where verdict = ? order by source, batch", conn, params=(verdict,)
+            )
+        finally:
+            conn.close()
+
+    def register_unlisted(self) -> int:
+        """Register staged files the manifest does not name (staged before the manifest
+        existed, or by a run that stopped between publishing and registering). Only rows
+        that passed validation are ever written to ``staged/``, so they count as passed.
+        Returns how many were registered."""
+        listed = self.batches("passed")
+        known = {(s, _safe_name(b)) for s, b in zip(listed["source"], listed["batch"])}
+        added = 0
+        for path in sorted((self.root / "staged").glob("*/*.parquet")):
+            if (path.parent.name, path.stem) in known:
+                continue
+            frame = self.read_file(path)
+            self._register(
+                path.parent.name, path.stem, "passed", content_hash(frame), len(frame), "registered from disk"
+            )
+            added += 1
+        return added
+
+    def read_batch(self, source: str, batch: str) -> pd.DataFrame:
+        """A staged batch's rows (empty when it has no file)."""
+        path = self.staged_path(source, batch)
+        return self.read_file(path) if path.exists() else canonical.empty_frame()
+
+    def read_held(self, source: str, batch: str) -> pd.DataFrame:
+        path = self.held_path(source, batch)
+        return self.read_file(path) if path.exists() else canonical.empty_frame()
+
+    # -- staged history ----------------------------------------------------------------
+
     def staged_path(self, source: str, batch: str) -> Path:
         return self.root / "staged" / source / f"{_safe_name(batch)}.parquet"
 
-    def write_staged(self, source: str, batch: str, frame: pd.DataFrame) -> dict[str, int]:
-        """Union `frame` into the batch's file, one row per record version.
+    def held_path(self, source: str, batch: str) -> Path:
+        return self.root / "held" / source / f"{_safe_name(batch)}.parquet"
 
-        Returns counts: rows_new (versions not seen before), rows_total (in the file).
+    def write_staged(
+        self,
+        source: str,
+        batch: str,
+        frame: pd.DataFrame,
+        verdict: str = "passed",
+        reason: Optional[str] = None,
+    ) -> dict[str, int]:
+        """Union `frame` into the batch's file, one row per record version, and record the
+        batch in the manifest with its content hash.
+
+        `verdict` is the outcome of the batch's blocking check: ``passed`` stages the rows;
+        ``failed`` holds them back in ``held/`` (profiles and the push never see them) and
+        leaves the staged file as it was.
+
+        Returns counts: rows_new (versions not seen before), rows_total (in the file), and
+        rows_held (rows of this write held back: all of them, or 0).
         """
-        path = self.staged_path(source, batch)
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        path = self.staged_path(source, batch) if verdict == "passed" else self.held_path(source, batch)
         incoming = canonical.to_frame(frame) if not frame.empty else canonical.empty_frame()
         if path.exists():
             old = self.read_file(path)
@@ -66,7 +192,10 @@ class Lake:
         both = both.sort_values([*canonical.RECORD_KEY, "received_at"], kind="stable")
         merged = both.drop_duplicates(list(canonical.RECORD_KEY), keep="first").reset_index(drop=True)
         write_atomic(canonical.to_table(merged), path)
-        return {"rows_new": len(merged) - len(old), "rows_total": len(merged)}
+        self._register(source, batch, verdict, content_hash(merged), len(merged), reason)
+        if verdict == "failed":
+            return {"rows_new": 0, "rows_total": len(merged), "rows_held": len(incoming)}
+        return {"rows_new": len(merged) - len(old), "rows_total": len(merged), "rows_held": 0}
 
     @staticmethod
     def read_file(path: Path) -> pd.DataFrame:
@@ -74,12 +203,20 @@ class Lake:
 
     def read_staged(self, source: Optional[str] = None) -> pd.DataFrame:
         """All staged versions (of one source, or all)."""
+        return self.read_staged_table(source).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+    def staged_files(self, source: Optional[str] = None) -> list[Path]:
+        base = self.root / "staged"
+        return sorted((base / source).glob("*.parquet") if source else base.glob("*/*.parquet"))
+
+    def read_staged_table(self, source: Optional[str] = None) -> pa.Table:
+        """All staged versions as one Arrow table (canonical schema)."""
         base = self.root / "staged"
         files = sorted((base / source).glob("*.parquet") if source else base.glob("*/*.parquet"))
         if not files:
-            return canonical.empty_frame()
+            return canonical.CANONICAL_SCHEMA.empty_table()
         tables = [pq.read_table(f, schema=canonical.CANONICAL_SCHEMA) for f in files]
-        return pa.concat_tables(tables).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+        return pa.concat_tables(tables).combine_chunks()
 
     def write_quarantine(self, source: str, batch: str, rejects: list[dict]) -> int:
         path = self.root / "quarantine" / source / f"{_safe_name(batch)}.parquet"

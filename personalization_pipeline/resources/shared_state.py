@@ -26,7 +26,7 @@ from personalization_pipeline.core.breaker import CLOSED, Admission, BreakerPoli
 from personalization_pipeline.core.breaker import admit as breaker_admit
 from personalization_pipeline.core.breaker import record as breaker_record
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
-from personalization_pipeline.core.ratelimit import RateLimit, gcra_admit
+from personalization_pipeline.core.ratelimit import RateLimit, backfill_share, gcra_admit
 
 
 def connect_wal(path: str | os.PathLike, **kwargs) -> sqlite3.Connection:
@@ -100,6 +100,16 @@ class SharedRateLimiter:
         if limit.burst == 1:
             self.push_back(key, limit.interval)
         return wait
+
+    def acquire_shared(self, key: str, limit: RateLimit, backfill: bool, live_reserve: float) -> float:
+        """`acquire` for a run that may be a backfill: a backfill's request first waits
+        in the bucket all backfill runs of the account share (`backfill_share`), so live
+        pulls keep `live_reserve` of the rate and never queue behind a backfill's backlog.
+        Returns the seconds waited."""
+        waited = 0.0
+        if backfill and live_reserve > 0:
+            waited += self.acquire(f"{key}:backfill", backfill_share(limit, live_reserve))
+        return waited + self.acquire(key, limit)
 
     def push_back(self, key: str, seconds: float) -> None:
         """After a 429 with Retry-After: nobody sharing the bucket sends before then."""

@@ -14,8 +14,17 @@ Shapes follow VENDOR-APIS.md. What the sandbox decides where HubSpot's docs are 
   (epoch ms as numbers or strings, or ISO 8601).
 - API writes store emails stripped and lower-cased. The generated data keeps the messy
   spellings (case, whitespace, shared addresses) an import leaves behind.
-- Every write (update, upsert, create, archive) sets `lastmodifieddate` to the sandbox
-  clock's now; archived contacts leave search and list (`archived=true` lists them).
+- Every write (update, upsert, create, archive, merge) sets `lastmodifieddate` to the
+  sandbox clock's now; archived contacts leave search and list (`archived=true` lists them).
+- Merge (`POST /crm/v3/objects/contacts/merge`, `{primaryObjectId, objectIdToMerge}`): the
+  primary keeps its id and its non-empty values, takes the merged contact's values where
+  its own are empty, and lists every id merged into it in `hs_merged_object_ids`
+  (semicolon-separated, oldest first, including ids merged into the merged contact). The
+  merged-away contact leaves search and list for good (it is not archived); reading its id
+  (GET or batch read) returns the record it was merged into, under that record's id, as
+  HubSpot does. Writes, archive and gdpr-delete of a merged-away id are 404. HubSpot's
+  changelog announces merges that create a new id for the result; with either behaviour
+  every id merged away is in the surviving record's `hs_merged_object_ids`.
 - The list endpoint's `after` is an `hs_object_id` cursor; token expiry uses real
   (monotonic) time, not the injectable clock.
 - Authorization: Bearer <OAuth access token or the private-app token>. Unknown or expired
@@ -72,10 +81,10 @@ Clock = Callable[[], datetime]
 PROPERTY_NAMES = (
     "email", "firstname", "lastname", "city", "country", "lifecyclestage", "loyalty_tier",
     "phone", "mobilephone", "company", "jobtitle", "address", "state", "zip", "website",
-    "createdate", "lastmodifieddate", "hs_object_id",
+    "createdate", "lastmodifieddate", "hs_object_id", "hs_merged_object_ids",
 )
 KNOWN = frozenset(PROPERTY_NAMES)
-READ_ONLY = frozenset({"createdate", "lastmodifieddate", "hs_object_id"})
+READ_ONLY = frozenset({"createdate", "lastmodifieddate", "hs_object_id", "hs_merged_object_ids"})
 NUMERIC = ("lastmodifieddate", "createdate", "hs_object_id")
 DATES = frozenset({"createdate", "lastmodifieddate"})
 DEFAULT_PROPERTIES = ("createdate", "email", "firstname", "hs_object_id", "lastmodifieddate", "lastname")
@@ -89,7 +98,7 @@ MAX_SEARCH_LIMIT, MAX_LIST_LIMIT, MAX_BATCH = 200, 100, 100
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 QUERY_PROPERTIES = ("email", "firstname", "lastname", "phone", "company")
 
-ALIVE, ARCHIVED, DELETED = 0, 1, 2
+ALIVE, ARCHIVED, DELETED, MERGED = 0, 1, 2, 3
 
 
 class ApiError(Exception):
@@ -168,6 +177,7 @@ class HubSpotState:
             self.email_ref = c.email_ref.astype(np.int32).copy()
             self.person = c.person.astype(np.int32).copy()
             self.archived_at: dict[int, int] = {}
+            self.merged_into: dict[int, int] = {}
             self.overrides: dict[int, dict[str, str]] = {}
             self.extra_email: dict[str, set[int]] = {}
             self.index = SortedIndex(self.lmd)
@@ -250,9 +260,23 @@ class HubSpotState:
             rows.update(int(r) for r in self._by_ref[a:b] if self.email_ref[r] == ref)
         return sorted(r for r in rows if self.status[r] != DELETED)
 
-    def locate(self, key: Any, id_property: str | None, *, archived: bool = False) -> int | None:
+    def surviving_row(self, row: int) -> int:
+        """The row a merged-away row now lives in (merges can chain); `row` itself otherwise."""
+        seen = set()
+        while row in self.merged_into and row not in seen:
+            seen.add(row)
+            row = self.merged_into[row]
+        return row
+
+    def locate(
+        self, key: Any, id_property: str | None, *, archived: bool = False, follow_merges: bool = False
+    ) -> int | None:
+        """The row of a live (or, with `archived`, archived) contact. `follow_merges`: reads
+        of a merged-away id land on the contact it was merged into, as in HubSpot."""
         if id_property in (None, "", "hs_object_id"):
             row = self.row_of_id(key)
+            if row is not None and follow_merges and not archived and self.status[row] == MERGED:
+                row = self.surviving_row(row)
         elif id_property == "email":
             wanted = ARCHIVED if archived else ALIVE
             rows = [r for r in self.rows_of_email(str(key)) if self.status[r] == wanted]
@@ -614,7 +638,9 @@ class HubSpotState:
             results, missing = [], []
             for item in inputs:
                 key = item.get("id") if isinstance(item, dict) else None
-                row = self.locate(key, id_property, archived=archived) if key is not None else None
+                row = (
+                    self.locate(key, id_property, archived=archived, follow_merges=True) if key is not None else None
+                )
                 if row is None:
                     missing.append(str(key))
                 else:
@@ -725,7 +751,64 @@ class HubSpotState:
             self.status[row] = DELETED
             self.index.remove(np.asarray([row]), self.lmd[[row]])
 
+    def merge(self, body: Any) -> dict[str, Any]:
+        """`POST /crm/v3/objects/contacts/merge`: `objectIdToMerge` merges into
+        `primaryObjectId`; answers the primary as it is after the merge."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be {\"primaryObjectId\": ..., \"objectIdToMerge\": ...}")
+        primary_key, merged_key = body.get("primaryObjectId"), body.get("objectIdToMerge")
+        if primary_key in (None, "") or merged_key in (None, ""):
+            raise ApiError(400, "primaryObjectId and objectIdToMerge are required")
+        with self.lock:
+            primary, merged = self.locate(primary_key, None), self.locate(merged_key, None)
+            if primary is None or merged is None:
+                missing = [str(k) for k, r in ((primary_key, primary), (merged_key, merged)) if r is None]
+                raise ApiError(404, f"Could not find contacts {', '.join(missing)} to merge", "OBJECT_NOT_FOUND")
+            if primary == merged:
+                raise ApiError(400, "A contact cannot be merged with itself")
+            mine, theirs = self.properties(primary), self.properties(merged)
+            filled = {
+                name: theirs[name]
+                for name in PROPERTY_NAMES
+                if name not in READ_ONLY and name != "email" and not mine.get(name) and theirs.get(name)
+            }
+            ids = [*self._merged_ids(primary), *self._merged_ids(merged), str(int(self.ids[merged]))]
+            filled["hs_merged_object_ids"] = ";".join(dict.fromkeys(ids))
+            self._write([primary], [filled], self.now())
+            self.status[merged] = MERGED
+            self.merged_into[merged] = primary
+            self.index.remove(np.asarray([merged]), self.lmd[[merged]])
+            return self.render(primary, list(dict.fromkeys([*DEFAULT_PROPERTIES, "hs_merged_object_ids"])))
+
+    def _merged_ids(self, row: int) -> list[str]:
+        return [i for i in self.value(row, "hs_merged_object_ids").split(";") if i]
+
     # -- sandbox-only ---------------------------------------------------------------------
+
+    def merge_duplicates(self, count: int) -> list[dict[str, str]]:
+        """Merge `count` pairs of live contacts as a CRM user cleaning duplicates would:
+        two contacts of the same generated person when there are such pairs, else any
+        two. Returns `{primary, merged}` ids per merge."""
+        done = []
+        with self.lock:
+            for _ in range(max(0, count)):
+                alive = np.flatnonzero(self.status == ALIVE)
+                if len(alive) < 2:
+                    break
+                persons = self.person[alive]
+                order = np.argsort(persons, kind="stable")
+                sorted_persons = persons[order]
+                dup = np.flatnonzero((sorted_persons[1:] == sorted_persons[:-1]) & (sorted_persons[1:] >= 0))
+                if len(dup):
+                    at = int(dup[int(self.rng.integers(len(dup)))])
+                    pair = [int(alive[order[at]]), int(alive[order[at + 1]])]
+                else:
+                    pair = [int(r) for r in self.rng.choice(alive, 2, replace=False)]
+                primary, merged = (str(int(self.ids[r])) for r in pair)
+                self.merge({"primaryObjectId": primary, "objectIdToMerge": merged})
+                done.append({"primary": primary, "merged": merged})
+        return done
+
 
     def mutate(self, count: int, rows: np.ndarray | None = None) -> list[str]:
         """Edit `count` random live contacts as a person in the CRM would (city, last
@@ -1242,7 +1325,7 @@ def build_hubspot_app(
         key = request.path_params["contact_id"]
         id_property = request.query_params.get("idProperty")
         with state.lock:
-            row = state.locate(key, id_property, archived=_flag(request, "archived"))
+            row = state.locate(key, id_property, archived=_flag(request, "archived"), follow_merges=True)
             if row is None:
                 raise ApiError(404, "resource not found", "OBJECT_NOT_FOUND")
             return json_response(state.render(row, _props_param(request)))
@@ -1301,6 +1384,26 @@ def build_hubspot_app(
         results = state.ground_truth(lo, hi, archived=_flag(request, "archived"))
         return json_response({"total": len(results), "results": results})
 
+    async def merge(request: Request) -> Response:
+        return json_response(state.merge(await read_json(request)))
+
+    async def admin_merge(request: Request) -> Response:
+        """Sandbox-only: `{"count": n}` merges n duplicate pairs; or name the pair with
+        `primaryObjectId` and `objectIdToMerge` (as the API does, without auth or limits)."""
+        raw = await request.body()
+        body = await read_json(request) if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be an object")
+        if body.get("primaryObjectId") not in (None, "") or body.get("objectIdToMerge") not in (None, ""):
+            merged = state.merge(body)
+            return json_response({"merged": [{"primary": merged["id"], "merged": str(body["objectIdToMerge"])}],
+                                  "lastmodifieddate": merged["properties"]["lastmodifieddate"]})
+        count = body.get("count", 1)
+        if not isinstance(count, int) or count < 0:
+            raise ApiError(400, "count must be a non-negative integer")
+        done = state.merge_duplicates(count)
+        return json_response({"merged": done, "lastmodifieddate": iso_ms_z(state.now()) if done else None})
+
     async def admin_mutate(request: Request) -> Response:
         raw = await request.body()
         body = await read_json(request) if raw.strip() else {}
@@ -1333,6 +1436,7 @@ def build_hubspot_app(
         Route(f"{base}/batch/upsert", handle(batch("upsert")), methods=["POST"]),
         Route(f"{base}/batch/archive", handle(batch_archive), methods=["POST"]),
         Route(f"{base}/gdpr-delete", handle(gdpr_delete), methods=["POST"]),
+        Route(f"{base}/merge", handle(merge), methods=["POST"]),
         Route(base, handle(list_contacts), methods=["GET"]),
         Route(base, handle(create_contact), methods=["POST"]),
         Route(base + "/{contact_id}", handle(get_contact), methods=["GET"]),
@@ -1340,6 +1444,7 @@ def build_hubspot_app(
         Route(base + "/{contact_id}", handle(delete_contact), methods=["DELETE"]),
         Route("/_admin/contacts", handle(admin_contacts), methods=["GET"]),
         Route("/_admin/mutate", handle(admin_mutate), methods=["POST"]),
+        Route("/_admin/merge", handle(admin_merge), methods=["POST"]),
         Route("/_admin/reset", handle(admin_reset), methods=["POST"]),
         Route("/_admin/auth", handle(admin_tokens), methods=["GET"]),
         *admin_routes(injector, stats_box),

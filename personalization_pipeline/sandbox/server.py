@@ -95,11 +95,12 @@ class Churn:
             elapsed = max(0.0, (self.clock() - self.started).total_seconds())
             target = int(elapsed * self.edits_per_minute / 60)
             due = min(target - self.done, self.MAX_PER_TICK)
+            if due <= 0:
+                return 0
+            self.hubspot.mutate(due)
+            self.mailchimp.mutate(due)
+            # Counted once applied, so `done` never runs ahead of what a reader can see.
             self.done = max(self.done, target)
-        if due <= 0:
-            return 0
-        self.hubspot.mutate(due)
-        self.mailchimp.mutate(due)
         return due
 
     def start(self, poll_seconds: float) -> None:

@@ -27,6 +27,7 @@ has a not-null expectation. GX itself is imported lazily, once per process
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,12 @@ from typing import Any, Mapping
 import pandas as pd
 import yaml
 
+from personalization_pipeline.validation.drift import DriftSettings
+
 CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "validation.yaml"
+CONFIG_ENV = "PP_VALIDATION_CONFIG"
+"""An absolute path to another validation YAML (same shape as config/validation.yaml):
+the suites of the next validation in every process use it."""
 
 KINDS = ("crm_contact", "esp_member", "event")
 """The suites: CRM contacts, ESP members, events (stream and ESP engagement alike)."""
@@ -77,6 +83,12 @@ class ValidationConfig:
     max_id_length: int = 255
     currency_regex: str = r"^[A-Z]{3}\Z"
     thresholds: QuarantineThresholds = QuarantineThresholds()
+    drift: DriftSettings = DriftSettings()
+    drift_by_asset: Mapping[str, DriftSettings] = field(default_factory=dict)
+
+    def drift_for(self, asset: str) -> DriftSettings:
+        """The row_count_drift settings of one asset (its override, else the default)."""
+        return self.drift_by_asset.get(asset, self.drift)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "ValidationConfig":
@@ -84,6 +96,9 @@ class ValidationConfig:
         earliest = earliest.tz_localize("UTC") if earliest.tzinfo is None else earliest.tz_convert("UTC")
         quarantine = data.get("quarantine") or {}
         defaults = QuarantineThresholds()
+        drift_data = dict(data.get("row_count_drift") or {})
+        per_asset = drift_data.pop("assets", None) or {}
+        drift = DriftSettings.from_mapping(drift_data)
         return cls(
             lifecycle_stages=tuple(str(v) for v in data["lifecycle_stages"]),
             esp_statuses=tuple(str(v) for v in data["esp_statuses"]),
@@ -99,13 +114,22 @@ class ValidationConfig:
                 min_rows_for_rate=int(quarantine.get("min_rows_for_rate", defaults.min_rows_for_rate)),
                 max_quarantine_count=int(quarantine.get("max_quarantine_count", defaults.max_quarantine_count)),
             ),
+            drift=drift,
+            drift_by_asset={str(k): DriftSettings.from_mapping(v, drift) for k, v in per_asset.items()},
         )
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "ValidationConfig":
-        """Read ``config/validation.yaml`` (or ``path``)."""
-        with open(path or CONFIG_FILE, encoding="utf-8") as handle:
+        """Read ``path``, else the file named by ``$PP_VALIDATION_CONFIG``, else
+        ``config/validation.yaml``."""
+        with open(path or config_path(), encoding="utf-8") as handle:
             return cls.from_mapping(yaml.safe_load(handle) or {})
+
+
+def config_path() -> Path:
+    """The validation YAML in force: ``$PP_VALIDATION_CONFIG`` when set, else the packaged one."""
+    override = os.environ.get(CONFIG_ENV, "").strip()
+    return Path(override) if override else CONFIG_FILE
 
 
 @dataclass(frozen=True)

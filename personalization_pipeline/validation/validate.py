@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -41,8 +41,10 @@ from personalization_pipeline.validation.suites import (
     ORDER_TOTAL,
     SECONDS_AFTER_RECEIVED,
     Check,
+    QuarantineThresholds,
     ValidationConfig,
     build_suite,
+    config_path,
     load_gx,
     suite_checks,
 )
@@ -57,9 +59,11 @@ QUARANTINE_COLUMNS = (
     "failed_expectations",
     "raw",
     "row_position",
+    "row",
 )
 """The quarantine table: ``raw`` is the record as JSON text, ``failed_expectations`` a list
-of check names, ``row_position`` the row's position in the validated frame."""
+of check names, ``row_position`` the row's position in the validated frame, ``row`` the
+canonical row as JSON text (what a replay re-validates with the suites then in force)."""
 
 SAMPLE_ROWS = 5
 
@@ -79,15 +83,19 @@ COMPLETE_FORMAT = {
 is all we read; the value lists (capped at 200) are not computed at all."""
 _ERROR_SUFFIX = ":error"
 
-_default_config: ValidationConfig | None = None
+_default_config: tuple[tuple[str, int], ValidationConfig] | None = None
 
 
 def default_config() -> ValidationConfig:
-    """``config/validation.yaml``, read once per process."""
+    """The validation YAML in force (``suites.config_path``), read again when the file or
+    its modification time changes, so an edited set reaches the next validation (and a
+    replay) in a long-lived process too."""
     global _default_config
-    if _default_config is None:
-        _default_config = ValidationConfig.load()
-    return _default_config
+    path = config_path()
+    stamp = (str(path), path.stat().st_mtime_ns)
+    if _default_config is None or _default_config[0] != stamp:
+        _default_config = (stamp, ValidationConfig.load(path))
+    return _default_config[1]
 
 
 @dataclass
@@ -110,6 +118,25 @@ class ValidationOutcome:
     unknown_fields: dict[str, int] = field(default_factory=dict)
     complete_run: bool = False
     seconds: float = 0.0
+
+    def with_unparseable(self, count: int, thresholds: QuarantineThresholds | None = None) -> "ValidationOutcome":
+        """This outcome with ``count`` records that could not even be parsed into rows (a
+        Kafka message that is not JSON) counted in: they are refused rows of the batch, in
+        rows_in and rows_quarantined (as ``unparseable``) and in the quarantine verdict, so
+        rows_in covers every record the batch read."""
+        if count <= 0:
+            return self
+        thresholds = thresholds or default_config().thresholds
+        rows_q = self.rows_quarantined + count
+        validated = self.rows_in + count - self.rows_duplicate
+        return replace(
+            self,
+            rows_in=self.rows_in + count,
+            rows_quarantined=rows_q,
+            failure_counts={**self.failure_counts, "unparseable": self.failure_counts.get("unparseable", 0) + count},
+            passed_threshold=thresholds.passed(validated, rows_q),
+            quarantine_rate=rows_q / validated if validated else 0.0,
+        )
 
     @property
     def identity_holds(self) -> bool:
@@ -365,6 +392,10 @@ def validate_batch(
             "failed_expectations": pd.Series([reasons[int(p)] for p in quarantined_positions], dtype=object),
             "raw": pd.Series(_raw_json(frame, quarantined_positions, raw), dtype=object),
             "row_position": pd.Series(quarantined_positions, dtype="int64"),
+            "row": pd.Series(
+                _raw_json(frame[[c for c in frame.columns if c in canonical.CANONICAL_COLUMNS]], quarantined_positions, None),
+                dtype=object,
+            ),
         },
         columns=list(QUARANTINE_COLUMNS),
     )
@@ -376,6 +407,8 @@ def validate_batch(
 
     samples = []
     email = frame["email"].reset_index(drop=True) if "email" in frame else None
+    first = frame["first_name"].reset_index(drop=True) if "first_name" in frame else None
+    last = frame["last_name"].reset_index(drop=True) if "last_name" in frame else None
     for p in quarantined_positions[:SAMPLE_ROWS].tolist():
         observed = prepared["observed_at"].iloc[p]
         received = prepared["received_at"].iloc[p]
@@ -384,8 +417,11 @@ def validate_batch(
             {
                 "row_position": p,
                 "source": None if pd.isna(prepared["source"].iloc[p]) else str(prepared["source"].iloc[p]),
-                "source_record_id": None if pd.isna(record_id) else str(record_id)[:80],
+                "source_record_id": mask_identifier(record_id),
                 "email": mask_email(email.iloc[p]) if email is not None else None,
+                "name": name_initials(
+                    first.iloc[p] if first is not None else None, last.iloc[p] if last is not None else None
+                ),
                 "observed_at": None if pd.isna(observed) else observed.isoformat(),
                 "received_at": None if pd.isna(received) else received.isoformat(),
                 "failed_expectations": reasons[p],
@@ -415,6 +451,26 @@ def validate_batch(
         complete_run=complete_run,
         seconds=time.perf_counter() - started,
     )
+
+
+def _present(value: Any) -> bool:
+    return not (value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value))
+
+
+def name_initials(first: Any, last: Any = None) -> str | None:
+    """``Jane``, ``van Dyke`` -> ``J. v.``: names reach Dagster metadata as initials only
+    (PRODUCT.md section 11). Missing or blank -> None."""
+    parts = [str(v).strip() for v in (first, last) if _present(v) and str(v).strip()]
+    return " ".join(f"{p[0]}." for p in parts) or None
+
+
+def mask_identifier(value: Any) -> str | None:
+    """A record id for metadata: an id that is an email address (some sources key people by
+    address) is masked like one; anything else is cut to 80 characters."""
+    if not _present(value):
+        return None
+    text = str(value)
+    return mask_email(text) if "@" in text else text[:80]
 
 
 def kind_for_source(source: str, record_kind: str) -> str:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import requests
 
-from personalization_pipeline.assets.profiles import identity_and_profiles
+from personalization_pipeline.assets.profiles import identity_and_profiles, open_store
 from personalization_pipeline.assets.sources import esp_engagement
 from personalization_pipeline.core.sources import esp_activity_record_id, esp_engagement_to_canonical
 from personalization_pipeline.resources.http import RetryPolicy
@@ -242,7 +242,7 @@ def test_engagement_re_pull_gives_the_same_rows_even_through_faults(sandbox, tmp
     pd.testing.assert_frame_equal(ordered(first), ordered(second))
     lake = Lake(tmp_path / "lake")
     assert lake.write_staged("engagement", "hour", first)["rows_new"] == len(first)
-    assert lake.write_staged("engagement", "hour", second) == {"rows_new": 0, "rows_total": len(first)}
+    assert lake.write_staged("engagement", "hour", second) == {"rows_new": 0, "rows_total": len(first), "rows_held": 0}
 
 
 def test_esp_engagement_materialises_a_partition(sandbox, tmp_path, monkeypatch):
@@ -273,6 +273,6 @@ def test_esp_engagement_materialises_a_partition(sandbox, tmp_path, monkeypatch)
 
     # Identity and profiles read the staged engagement with the rest of the history.
     assert dg.materialize([identity_and_profiles], resources={"lake": LakeResource()}).success
-    profiles = pd.read_parquet(tmp_path / "lake" / "tables" / "resolved_profiles.parquet")
+    profiles = open_store(Lake(tmp_path / "lake")).profiles()
     opened = staged[staged["event_type"] == "email_opened"]
     assert profiles["last_email_open_at"].notna().sum() == opened["email"].str.lower().nunique() > 0

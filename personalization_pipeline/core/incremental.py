@@ -1,0 +1,223 @@
+"""The pure parts of the incremental profile step (PRODUCT.md sections 4-6 and 12).
+
+The profile store (``resources/profile_store.py``) keeps the current state, the identity
+map and the profiles between runs, and applies each new batch of staged rows by
+recomputing only what the batch touches. What it needs that is pure logic lives here, with
+no I/O and no Dagster import:
+
+- ``record_hashes`` / ``identifier_hashes``: 64-bit keys under which the store indexes
+  records and identifiers.
+- ``latest_versions``: the one version of each source record that the current state holds
+  (the same pick as ``identity.current_state``), keeping deleted versions as tombstones so
+  that a late, older version can never bring a deleted record back.
+- ``raw_clusters``: the connected components of the identity graph *before* the merge
+  limits, which is the unit of recomputation. Resolution of one raw component depends on
+  that component's records alone (its edges, their trust and first-seen, its anchors), so
+  recomputing every raw component a batch touches, and nothing else, gives exactly what a
+  full rebuild gives. A component within the limits is one profile; one that breaks a
+  limit is several profiles joined by the rejected edges in ``identity_conflicts``.
+- ``order_keys``: orders are counted once per (shop, order_id) across the whole table, so
+  the store also recomputes every cluster holding a delivery of an order the batch touches.
+
+Cluster ids are stable: the smallest profile number (the first 16 hex digits of the
+profile id, as an integer) among the component's profiles. A cluster keeps its id until
+its anchor changes, so an incremental run rewrites few stored rows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from personalization_pipeline.core import canonical
+from personalization_pipeline.core.canonical import IDENTIFIER_TYPES
+from personalization_pipeline.core.identity import IdentityResult, normalise_values, record_keys
+
+NO_CLUSTER = np.iinfo(np.int64).min
+"""The cluster of a stored record that belongs to no profile: a tombstone (its latest
+version is deleted) or a record with no usable identifier."""
+
+_SEP = "\x1f"
+
+
+def _hash_strings(values: pa.Array | pd.Series) -> np.ndarray:
+    """Deterministic 64-bit hashes of strings (pandas' SipHash with its fixed key)."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        objects = values.to_numpy(zero_copy_only=False)
+    else:
+        objects = values.to_numpy(dtype=object)
+    return pd.util.hash_array(objects, categorize=False).view(np.int64)
+
+
+def record_codes(frame: pd.DataFrame) -> np.ndarray:
+    """Exact group codes of (source, source_record_id) within one frame."""
+    if frame.empty:
+        return np.empty(0, dtype=np.int64)
+    encoded = pc.dictionary_encode(record_keys(frame))
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def record_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """The store's key of each record: a 64-bit hash of (source, source_record_id)."""
+    if frame.empty:
+        return np.empty(0, dtype=np.int64)
+    return _hash_strings(record_keys(frame))
+
+
+def assert_distinct_keys(codes: np.ndarray, rkeys: np.ndarray) -> None:
+    """Two different records never share a 64-bit store key (never seen; if it happened
+    the store could not keep them apart, so it stops instead of mixing them)."""
+    if len(codes) and len(np.unique(rkeys)) != int(codes.max()) + 1:
+        raise ValueError("two different source records share a 64-bit store key; please report this")
+
+
+def identifier_hashes(kinds: pd.Series, values: pd.Series) -> np.ndarray:
+    """The store's key of each identifier: a 64-bit hash of (type, normalised value)."""
+    if len(kinds) == 0:
+        return np.empty(0, dtype=np.int64)
+    joined = pc.binary_join_element_wise(
+        pa.array(kinds, type=pa.large_string()),
+        pa.array(values, type=pa.large_string()),
+        pa.scalar(_SEP, pa.large_string()),
+    )
+    return _hash_strings(joined)
+
+
+def normalised_identifiers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every usable identifier the records carry: (identifier_type, identifier_value),
+    normalised like identity resolution does, distinct."""
+    parts = []
+    for kind in IDENTIFIER_TYPES:
+        values = normalise_values(kind, pa.array(frame[kind], type=pa.large_string(), from_pandas=True))
+        values = pc.unique(values.drop_null())
+        parts.append(pd.DataFrame({"identifier_type": kind, "identifier_value": values.to_pylist()}))
+    out = pd.concat(parts, ignore_index=True)
+    return out.astype({"identifier_type": str, "identifier_value": str})
+
+
+def row_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """A hash of each whole canonical row, for telling apart versions equal on
+    (observed_at, received_at). Computed over the canonical form, so a row hashes the same
+    whether it was read from staged Parquet or from the store."""
+    if frame.empty:
+        return np.empty(0, dtype=np.uint64)
+    return pd.util.hash_pandas_object(canonical.to_frame(frame), index=False).to_numpy()
+
+
+def latest_versions(
+    frame: pd.DataFrame, codes: np.ndarray, full_rows: Callable[[np.ndarray], pd.DataFrame] | None = None
+) -> np.ndarray:
+    """Positions of the one version per record that the current state holds: the largest
+    ``observed_at``, then the largest ``received_at``, then the smallest row hash (the
+    rule ``identity.current_state`` uses). Deleted versions take part like any other, so
+    a record whose latest version is deleted keeps that tombstone.
+
+    ``codes`` identify the records (``record_codes``, or the store keys). ``frame`` needs
+    only the time columns when ``full_rows`` is given: it returns the whole canonical rows
+    at some positions, which are only needed to break ties. Returns positions sorted by
+    code.
+    """
+    n = len(frame)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    observed = _micros(frame["observed_at"])
+    received = _micros(frame["received_at"])
+    rkeys = np.asarray(codes, dtype=np.int64)
+    order = np.lexsort((~received, ~observed, rkeys))
+    keys = rkeys[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    tied_next = np.zeros(n, dtype=bool)
+    tied_next[:-1] = (
+        (keys[1:] == keys[:-1])
+        & (observed[order][1:] == observed[order][:-1])
+        & (received[order][1:] == received[order][:-1])
+    )
+    winners = order[first]
+    contested = first & tied_next
+    if contested.any():
+        # Versions equal on both times: the smallest row hash wins, whatever the row order.
+        in_tie = np.zeros(n, dtype=bool)
+        starts = np.flatnonzero(contested)
+        for start in starts:
+            stop = start + 1
+            while stop < n and keys[stop] == keys[start] and tied_next[stop - 1]:
+                stop += 1
+            in_tie[start:stop] = True
+        rows = order[in_tie]
+        whole = full_rows(rows) if full_rows is not None else frame.iloc[rows]
+        ties = pd.DataFrame({"key": rkeys[rows], "hash": row_hashes(whole), "row": rows})
+        best = ties.sort_values(["key", "hash"], kind="stable").drop_duplicates("key")
+        replace = dict(zip(best["key"].to_numpy(), best["row"].to_numpy()))
+        winners = np.array([replace.get(k, w) for k, w in zip(rkeys[winners], winners)], dtype=np.int64)
+    return winners
+
+
+def raw_clusters(result: IdentityResult) -> pd.Series:
+    """profile_id -> cluster id: profiles joined by a rejected edge share a raw component
+    of the identity graph; its id is the smallest profile number among them."""
+    profiles = result.components["profile_id"].astype(str).to_numpy()
+    numbers = profile_numbers(profiles)
+    if len(profiles) == 0:
+        return pd.Series(numbers, index=pd.Index(profiles, name="profile_id"), dtype=np.int64)
+    conflicts = result.conflicts
+    if conflicts.empty:
+        return pd.Series(numbers, index=pd.Index(profiles, name="profile_id"))
+    identifier_profile = result.identity_map.set_index(["identifier_type", "identifier_value"])["profile_id"]
+    position = pd.Series(np.arange(len(profiles)), index=profiles)
+    ends = []
+    for side in ("from", "to"):
+        keys = pd.MultiIndex.from_arrays([conflicts[f"{side}_type"], conflicts[f"{side}_value"]])
+        ends.append(position.reindex(identifier_profile.reindex(keys).to_numpy()).to_numpy())
+    a, b = (np.asarray(e, dtype=np.int64) for e in ends)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(profiles), len(profiles)))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(smallest, labels, numbers)
+    return pd.Series(smallest[labels], index=pd.Index(profiles, name="profile_id"))
+
+
+def profile_numbers(profile_ids: np.ndarray) -> np.ndarray:
+    """``p_<16 hex digits>`` -> the digits as a signed 64-bit integer (order preserved)."""
+    if len(profile_ids) == 0:
+        return np.empty(0, dtype=np.int64)
+    text = np.asarray(profile_ids, dtype="S18").view(np.uint8).reshape(-1, 18)[:, 2:]
+    digits = np.where(text >= ord("a"), text - ord("a") + 10, text - ord("0")).astype(np.uint64)
+    unsigned = np.zeros(len(text), dtype=np.uint64)
+    for position in range(16):
+        unsigned = (unsigned << np.uint64(4)) | digits[:, position]
+    return (unsigned ^ np.uint64(1 << 63)).view(np.int64)
+
+
+def order_keys(frame: pd.DataFrame) -> np.ndarray:
+    """64-bit key of (shop, order_id) for Shopify order events, ``NO_CLUSTER`` elsewhere.
+
+    Orders are counted once per (shop, order_id) over the whole table (the first delivery
+    supplies the profile; a cancellation anywhere removes it), so every record carrying
+    one order must be recomputed together."""
+    if frame.empty:
+        return np.empty(0, dtype=np.int64)
+    is_order = (
+        (frame["source"] == "shop")
+        & frame["event_type"].isin(["order_completed", "order_cancelled"])
+        & frame["order_id"].notna()
+        & (frame["order_id"].astype(str).str.strip() != "")
+    ).to_numpy(dtype=bool)
+    out = np.full(len(frame), NO_CLUSTER, dtype=np.int64)
+    if is_order.any():
+        picked = frame.loc[is_order]
+        out[is_order] = _hash_strings((picked["shop"].astype(str) + _SEP + picked["order_id"].astype(str)).astype(object))
+    return out
+
+
+def _micros(values: pd.Series) -> np.ndarray:
+    stamps = pd.Series(pd.to_datetime(values, utc=True))
+    micros = stamps.dt.as_unit("us").array.asi8.copy()
+    micros[stamps.isna().to_numpy()] = np.iinfo(np.int64).min
+    return micros

@@ -1,0 +1,1230 @@
+"""The profile store: the current state, identity and resolved profiles kept between runs,
+so that each run applies only the new staged batches and recomputes only the profiles they
+touch (PRODUCT.md sections 5, 6 and 12).
+
+Storage: one SQLite database (WAL) read and written through the ADBC SQLite driver, which
+moves Arrow tables in and out without a Python object per value. Why SQLite:
+
+- the cost of an incremental run follows the batch: every lookup it makes (a record's
+  stored version, an identifier's cluster, a cluster's records) is a B-tree probe, and
+  records are clustered on disk by (cluster, record key), so a cluster's records are read
+  together. Measured figures are in bench/report.md (``bench_profiles``).
+- the ledger of applied inputs and the output tables change in one transaction, so a run
+  killed at any point leaves either the old state with the old ledger or the new state
+  with the new ledger, never a mix (PRODUCT.md section 12);
+- readers in other processes (the push, the UI's metadata, a serving API) read a
+  consistent snapshot while a writer works (WAL);
+- it is a file next to the lake: nothing more to run.
+
+The full rebuild writes a new database file and switches ``CURRENT`` to it with an atomic
+rename, so readers never see a half-built store.
+
+Tables:
+  records      every record's latest version (tombstones too), its cluster and profile
+  record_index record key -> cluster (finds a record's stored version)
+  identifiers  the identity map: identifier -> profile, first_seen, by cluster
+  identifier_index  identifier key -> cluster (a 64-bit hash: a collision only adds a cluster)
+  profile_index     profile_id -> cluster (lookups by id)
+  conflicts    rejected edges, by cluster
+  profiles     resolved_profiles by (cluster, profile_id), with its identifier count and the
+               provenance of each attribute as columns (<attribute>__source, __record,
+               __observed_at, __tier): one row, so one page, per profile
+  changes      every profile_id change (old -> new), when and in which run
+  component_sizes  how many profiles have each identifier count (the largest-component check)
+  stats        per run: profiles, profiles without email, conflicts, largest component
+  ledger       the applied inputs: (source, batch, content_hash, verdict, applied_at, run_id)
+  meta         config hash (rules, limits, mapping), format, when built
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+import adbc_driver_sqlite.dbapi as adbc
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from personalization_pipeline.core import canonical
+from personalization_pipeline.core.identity import (
+    IdentityLimits,
+    IdentityResult,
+    profile_id_changes,
+    record_keys,
+    resolve_identities,
+)
+from personalization_pipeline.core.incremental import (
+    NO_CLUSTER,
+    assert_distinct_keys,
+    identifier_hashes,
+    latest_versions,
+    normalised_identifiers,
+    order_keys,
+    raw_clusters,
+    record_codes,
+    record_hashes,
+)
+from personalization_pipeline.core.profiles import PROVENANCE_COLUMNS, build_profiles
+from personalization_pipeline.core.rules import ConflictRules
+
+FORMAT = 1
+_TS = pa.timestamp("us", tz="UTC")
+_BIG = {"adbc.sqlite.query.batch_rows": "1000000000"}
+"""Read a whole result as one batch: the driver infers each column's type from the rows of
+a batch, so smaller batches could disagree (a column null in the first rows)."""
+
+RECORD_COLUMNS = ("cluster", "rkey", "profile_id", "okey", *canonical.CANONICAL_COLUMNS)
+IDENTIFIER_COLUMNS = ("ikey", "identifier_type", "identifier_value", "profile_id", "first_seen", "cluster")
+CONFLICT_COLUMNS = ("cluster", "from_type", "from_value", "to_type", "to_value", "reason", "trust_source", "first_seen")
+
+_DDL = [
+    "create table meta (key text primary key, value text not null)",
+    "create table ledger (source text not null, batch text not null, verdict text not null, content_hash text not null,"
+    " rows integer not null, reason text, applied_at text not null, run_id text,"
+    " primary key (source, batch, verdict)) without rowid",
+    "create table records (cluster integer not null, rkey integer not null, profile_id text, okey integer, "
+    + ", ".join(
+        f"{f.name} {'text' if pa.types.is_string(f.type) else 'integer'}" for f in canonical.CANONICAL_SCHEMA
+    )
+    + ", primary key (cluster, rkey)) without rowid",
+    "create table record_index (rkey integer primary key, cluster integer not null) without rowid",
+    "create table identifiers (cluster integer not null, identifier_type text not null, identifier_value text not null,"
+    " ikey integer not null, profile_id text not null, first_seen integer,"
+    " primary key (cluster, identifier_type, identifier_value)) without rowid",
+    "create table identifier_index (ikey integer not null, cluster integer not null, primary key (ikey, cluster))"
+    " without rowid",
+    "create table profile_index (profile_id text primary key, cluster integer not null) without rowid",
+    "create table conflicts (cluster integer not null, from_type text, from_value text, to_type text,"
+    " to_value text, reason text, trust_source text, first_seen integer)",
+    "create table changes (changed_at text not null, run_id text, old_profile_id text, new_profile_id text)",
+    "create table component_sizes (size integer primary key, profiles integer not null) without rowid",
+    "create table stats (at text not null, run_id text, mode text, profiles integer, without_email integer,"
+    " conflicts integer, largest_component integer)",
+]
+_INDEXES = [
+    "create index records_okey on records (okey) where okey is not null",
+    "create index conflicts_cluster on conflicts (cluster)",
+]
+"""Few on purpose: an incremental run's cost is mostly the B-tree pages it reads and dirties,
+so the big tables are clustered by identity cluster (a cluster's records, identifiers and
+profiles sit together and are read and rewritten as one range) and have no other index;
+small key -> cluster tables serve lookups and change only when keys appear or move."""
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message says why and what to run."""
+
+
+@dataclass
+class ApplyReport:
+    """What one apply (or rebuild) did; shown as metadata on the materialisation."""
+
+    mode: str  # incremental | rebuild | nothing-new
+    batches_applied: int = 0
+    batches_held: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    versions_changed: int = 0
+    clusters_touched: int = 0
+    records_recomputed: int = 0
+    records_written: int = 0
+    profiles_written: int = 0
+    profile_id_changes: int = 0
+    largest_component: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+    sample_profile_id: Optional[str] = None
+    totals: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+
+    def lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stages[stage] = round(self.stages.get(stage, 0.0) + now - since, 3)
+        return now
+
+    def as_metadata(self) -> dict:
+        return {
+            "mode": self.mode,
+            "batches_applied": self.batches_applied,
+            "batches_held": len(self.batches_held),
+            "rows_read": self.rows_read,
+            "versions_changed": self.versions_changed,
+            "clusters_touched": self.clusters_touched,
+            "records_recomputed": self.records_recomputed,
+            "records_written": self.records_written,
+            "profiles_written": self.profiles_written,
+            "profile_id_changes": self.profile_id_changes,
+            "step_seconds": round(self.seconds, 3),
+            **({"rebuild_reason": self.reason} if self.reason else {}),
+            **{f"seconds_{k}": v for k, v in self.stages.items()},
+        }
+
+
+class ProfileStore:
+    """The store under ``directory``; ``rules``, ``limits`` and ``config_digest`` are the
+    configuration its tables are built with (a different digest forces a rebuild)."""
+
+    def __init__(self, directory: Path, rules: ConflictRules, limits: IdentityLimits, config_digest: str) -> None:
+        self.directory = Path(directory)
+        self.rules = rules
+        self.limits = limits
+        self.digest = config_digest
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    # -- files, connections and the writer lock ------------------------------------------
+
+    def current_path(self) -> Optional[Path]:
+        pointer = self.directory / "CURRENT"
+        if not pointer.exists():
+            return None
+        path = self.directory / pointer.read_text().strip()
+        return path if path.exists() else None
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        """One writer at a time, across processes (the run queue also limits profile runs
+        to one; this holds even when someone launches one by hand)."""
+        with open(self.directory / "writer.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _connect(path: Path):
+        conn = adbc.connect(str(path), autocommit=True)
+        cur = conn.cursor()
+        try:
+            cur.execute("pragma busy_timeout=60000")  # first: the other pragmas may wait for a lock
+            cur.execute("pragma synchronous=normal")
+            cur.execute("pragma cache_size=-262144")
+            cur.execute("pragma mmap_size=17179869184")
+            cur.execute("pragma temp_store=memory")
+            # Checkpoints happen when a writer closes (on a background thread), not mid-run.
+            cur.execute("pragma wal_autocheckpoint=0")
+        except BaseException:
+            cur.close()
+            conn.close()
+            raise
+        return conn, cur
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator:
+        path = self.current_path()
+        if path is None:
+            raise StoreError("the profile store is empty: run the profile job (or full_rebuild_job) first")
+        conn, cur = self._connect(path)
+        try:
+            yield cur
+        finally:
+            cur.close()
+            conn.close()
+
+    def meta(self) -> dict[str, str]:
+        if self.current_path() is None:
+            return {}
+        with self.reader() as cur:
+            return dict(zip(*_columns(_query(cur, "select key, value from meta"), "key", "value")))
+
+    # -- the ledger ----------------------------------------------------------------------
+
+    def ledger(self) -> pd.DataFrame:
+        with self.reader() as cur:
+            return _query(cur, "select * from ledger order by source, batch, verdict").to_pandas()
+
+    @staticmethod
+    def _pending(manifest: pd.DataFrame, ledger: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(passed batches not applied at their current content hash, failed batches not yet
+        recorded at their current hash)."""
+        key = ["source", "batch", "verdict", "content_hash"]
+        if ledger.empty:
+            fresh = manifest
+        else:
+            merged = manifest.merge(ledger[key].drop_duplicates(), on=key, how="left", indicator=True)
+            fresh = merged[merged["_merge"] == "left_only"].drop(columns="_merge")
+        return fresh[fresh["verdict"] == "passed"], fresh[fresh["verdict"] == "failed"]
+
+    # -- incremental apply ---------------------------------------------------------------
+
+    def apply(self, lake, run_id: Optional[str] = None) -> ApplyReport:
+        """Apply every passed batch not applied yet (at its current content hash); record
+        failed batches as held. One transaction: outputs and ledger commit together."""
+        with self._writer():
+            path = self.current_path()
+            stored = self.meta()
+            if path is None:
+                return self._rebuild(lake, run_id, "no store yet")
+            if stored.get("config_hash") != self.digest or stored.get("format") != str(FORMAT):
+                return self._rebuild(lake, run_id, "configuration changed (rules, limits or mapping)")
+            started = time.perf_counter()
+            manifest = lake.batches()
+            conn, cur = self._connect(path)
+            try:
+                ledger = _query(cur, "select source, batch, verdict, content_hash from ledger").to_pandas()
+                todo, held = self._pending(manifest, ledger)
+                report = ApplyReport(mode="incremental" if len(todo) else "nothing-new")
+                report.batches_held = [f"{s}/{b}" for s, b in zip(held["source"], held["batch"])]
+                frames = [lake.read_batch(s, b) for s, b in zip(todo["source"], todo["batch"])]
+                tick = report.lap("read_batches", started)
+                frames = [f for f in frames if not f.empty]
+                new = pd.concat(frames, ignore_index=True) if frames else canonical.empty_frame()
+                report.rows_read = len(new)
+                report.batches_applied = len(todo)
+                cur.execute("begin immediate")
+                tick = report.lap("begin", tick)
+                try:
+                    if not new.empty:
+                        self._apply_rows(cur, new, report, run_id)
+                    tick = time.perf_counter()
+                    _append_ledger(cur, pd.concat([todo, held]), run_id)
+                    report.totals = _record_stats(cur, report, run_id)
+                    tick = report.lap("ledger_and_stats", tick)
+                    cur.execute("commit")
+                    tick = report.lap("commit", tick)
+                except BaseException:
+                    cur.execute("rollback")
+                    raise
+            finally:
+                _close_later(conn, cur)
+            report.lap("close", tick)
+            report.seconds = time.perf_counter() - started
+            return report
+
+    def _apply_rows(self, cur, new: pd.DataFrame, report: ApplyReport, run_id: Optional[str]) -> None:
+        tick = time.perf_counter()
+        codes = record_codes(new)
+        rkeys = record_hashes(new)
+        assert_distinct_keys(codes, rkeys)
+        winners = latest_versions(new, codes)
+        incoming = new.iloc[winners].reset_index(drop=True)
+        incoming_keys = rkeys[winners]
+
+        # The stored version of each incoming record, if any.
+        _temp_keys(cur, "k", incoming_keys)
+        stored_table = _query(
+            cur,
+            "select r.* from temp.k join record_index i on i.rkey = temp.k.k "
+            "join records r on r.cluster = i.cluster and r.rkey = i.rkey",
+        )
+        stored, stored_meta = _records_from_store(stored_table)
+        tick = report.lap("find_stored_versions", tick)
+        _check_same_records(stored, stored_meta["rkey"], incoming, incoming_keys)
+
+        both = pd.concat([stored, incoming], ignore_index=True)
+        both_keys = np.concatenate([stored_meta["rkey"], incoming_keys])
+        picked = latest_versions(both, both_keys)
+        changed_rows = picked[picked >= len(stored)] - len(stored)
+        if len(changed_rows) == 0:
+            return
+        changed = incoming.iloc[changed_rows].reset_index(drop=True)
+        changed_keys = incoming_keys[changed_rows]
+        report.versions_changed = len(changed)
+
+        replaced = np.isin(stored_meta["rkey"], changed_keys)
+        touched = set(stored_meta["cluster"][replaced].tolist())
+        live_changed = changed[~changed["is_deleted"].fillna(False).to_numpy(dtype=bool)]
+        touched |= _identifier_clusters(cur, live_changed)
+        touched.discard(NO_CLUSTER)
+
+        # Every record of the touched clusters, and of clusters that share an order with them.
+        tick = report.lap("find_clusters", tick)
+        records, records_meta = _fetch_clusters(cur, touched)
+        tick = report.lap("fetch_records", tick)
+        order_seen: set[int] = set()
+        while True:
+            okeys = set(records_meta["okey"].tolist()) | set(order_keys(changed).tolist())
+            okeys |= set(stored_meta["okey"][replaced].tolist())
+            okeys.discard(NO_CLUSTER)
+            okeys -= order_seen
+            if not okeys:
+                break
+            order_seen |= okeys
+            _temp_keys(cur, "o", np.fromiter(okeys, dtype=np.int64))
+            more = _query(cur, "select distinct cluster from records where okey in (select k from temp.o)")
+            extra = set(more.column("cluster").to_pylist()) - touched - {NO_CLUSTER}
+            if not extra:
+                break
+            touched |= extra
+            more_records, more_meta = _fetch_clusters(cur, extra)
+            records = pd.concat([records, more_records], ignore_index=True)
+            records_meta = {k: np.concatenate([records_meta[k], more_meta[k]]) for k in records_meta}
+        report.clusters_touched = len(touched)
+
+        keep = ~np.isin(records_meta["rkey"], changed_keys)
+        subset = pd.concat([records[keep], live_changed], ignore_index=True)
+        subset_keys = np.concatenate([records_meta["rkey"][keep], record_hashes(live_changed)])
+        report.records_recomputed = len(subset)
+        tick = report.lap("order_closure", tick)
+        result = resolve_identities(subset, self.limits)
+        profiles, provenance = build_profiles(subset, result.record_profiles, self.rules, identity_map=result.identity_map)
+        clusters = raw_clusters(result)
+        cluster_of, profile_of = _assignment(subset, subset_keys, result, clusters)
+        tick = report.lap("recompute", tick)
+        assignment = (cluster_of, profile_of.to_numpy(zero_copy_only=False).astype(object))
+
+        # Records: rewrite only rows whose version, cluster or profile changed.
+        old_rows = pd.DataFrame(
+            {
+                "cluster": np.concatenate([records_meta["cluster"], stored_meta["cluster"][replaced]]),
+                "rkey": np.concatenate([records_meta["rkey"], stored_meta["rkey"][replaced]]),
+                "profile_id": np.concatenate([records_meta["profile_id"], stored_meta["profile_id"][replaced]]),
+            }
+        ).drop_duplicates(["cluster", "rkey"])
+        new_assign = pd.DataFrame({"rkey": subset_keys, "cluster": assignment[0], "profile_id": assignment[1]})
+        moved = old_rows.merge(new_assign, on="rkey", how="left", suffixes=("", "_new"))
+        gone = (
+            moved["rkey"].isin(changed_keys)
+            | (moved["cluster"] != moved["cluster_new"])
+            | (moved["profile_id"].fillna("") != moved["profile_id_new"].fillna(""))
+        )
+        _temp_pairs(cur, "d", moved.loc[gone, "cluster"].to_numpy(np.int64), moved.loc[gone, "rkey"].to_numpy(np.int64))
+        cur.execute("delete from records where (cluster, rkey) in (select c, k from temp.d)")
+        stay = set(moved.loc[~gone, "rkey"].tolist())
+        rewrite = ~np.isin(subset_keys, np.fromiter(stay, dtype=np.int64, count=len(stay)))
+        dead = changed[changed["is_deleted"].fillna(False).to_numpy(dtype=bool)]
+        dead_keys = record_hashes(dead)
+        out_frame = pd.concat([subset[rewrite], dead], ignore_index=True)
+        out_meta = {
+            "cluster": np.concatenate([assignment[0][rewrite], np.full(len(dead), NO_CLUSTER, dtype=np.int64)]),
+            "rkey": np.concatenate([subset_keys[rewrite], dead_keys]),
+            "profile_id": np.concatenate([assignment[1][rewrite], np.full(len(dead), None, dtype=object)]),
+        }
+        written = _records_to_store(out_frame, out_meta)
+        if written.num_rows:
+            cur.adbc_ingest("records", written, mode="append")
+            _temp_keys(cur, "ri", out_meta["rkey"])
+            cur.execute("delete from record_index where rkey in (select k from temp.ri)")
+            cur.adbc_ingest(
+                "record_index", pa.table({"rkey": out_meta["rkey"], "cluster": out_meta["cluster"]}), mode="append"
+            )
+        report.records_written = written.num_rows
+        tick = report.lap("write_records", tick)
+
+        # Identity map, conflicts and profiles of the touched clusters: the old rows are
+        # found through the identifiers of the clusters' old records (every identifier
+        # comes from a record), and only rows that changed are written.
+        _temp_keys(cur, "t", np.fromiter(touched, dtype=np.int64, count=len(touched)))
+        old_identifiers = _query(
+            cur,
+            "select i.cluster, i.identifier_type, i.identifier_value, i.ikey, i.profile_id, i.first_seen "
+            "from temp.t join identifiers i on i.cluster = temp.t.k",
+        ).to_pandas()
+        old_profiles = _query(
+            cur,
+            "select p.profile_id, p.cluster, p.size, p.primary_email is null as no_email "
+            "from temp.t join profiles p on p.cluster = temp.t.k",
+        ).to_pandas()
+        cur.execute("delete from profiles where cluster in (select k from temp.t)")
+        cur.execute("delete from conflicts where cluster in (select k from temp.t)")
+        _adjust_counters(cur, old_profiles, sign=-1)
+        self._write_outputs(cur, result, clusters, profiles, provenance, old_identifiers, old_profiles)
+        _adjust_counters(cur, _new_counters(result, profiles), sign=+1)
+        report.profiles_written = len(profiles)
+        report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
+        report.sample_profile_id = _sample_id(profiles)
+        tick = report.lap("write_outputs", tick)
+
+        old_rp = pd.DataFrame(
+            {
+                "source": np.concatenate([records["source"].to_numpy(object), stored["source"][replaced].to_numpy(object)]),
+                "source_record_id": np.concatenate(
+                    [records["source_record_id"].to_numpy(object), stored["source_record_id"][replaced].to_numpy(object)]
+                ),
+                "profile_id": np.concatenate([records_meta["profile_id"], stored_meta["profile_id"][replaced]]),
+            }
+        )
+        old_rp = old_rp[pd.notna(old_rp["profile_id"])].drop_duplicates(["source", "source_record_id"])
+        changes = profile_id_changes(old_rp.astype(str), result.record_profiles)
+        report.profile_id_changes = len(changes)
+        _append_changes(cur, changes, run_id)
+        report.lap("profile_id_changes", tick)
+
+    def _write_outputs(
+        self,
+        cur,
+        result: IdentityResult,
+        clusters: pd.Series,
+        profiles: pd.DataFrame,
+        provenance: pd.DataFrame,
+        old_identifiers: Optional[pd.DataFrame] = None,
+        old_profiles: Optional[pd.DataFrame] = None,
+    ) -> None:
+        """Write the identity map, conflicts and profiles of the recomputed clusters. With the
+        old rows (an incremental run) only identifier rows and index entries that changed
+        are deleted and inserted; the clusters' profiles were deleted by the caller."""
+        identity = result.identity_map
+        columns = ["cluster", "identifier_type", "identifier_value", "ikey", "profile_id", "first_seen"]
+        table = pa.table(
+            {
+                "cluster": pa.array(clusters.reindex(identity["profile_id"].astype(str)).to_numpy(np.int64)),
+                "identifier_type": pa.array(identity["identifier_type"], pa.string(), from_pandas=True),
+                "identifier_value": pa.array(identity["identifier_value"], pa.string(), from_pandas=True),
+                "ikey": pa.array(identifier_hashes(identity["identifier_type"], identity["identifier_value"])),
+                "profile_id": pa.array(identity["profile_id"], pa.string(), from_pandas=True),
+                "first_seen": _micros_array(identity["first_seen"]),
+            }
+        )
+        index_table = pa.table({"ikey": table.column("ikey"), "cluster": table.column("cluster")})
+        if old_identifiers is not None and len(old_identifiers):
+            mapper = {pa.int64(): pd.Int64Dtype()}.get
+            new = table.to_pandas(types_mapper=mapper).astype({c: object for c in columns if c not in ("cluster", "ikey", "first_seen")})
+            old = old_identifiers.astype({"first_seen": "Int64", "identifier_type": object, "identifier_value": object,
+                                          "profile_id": object})
+            both = old.merge(new, on=columns, how="outer", indicator=True)
+            stale = both[both["_merge"] == "left_only"]
+            table = _arrow(both[both["_merge"] == "right_only"][columns])
+            if len(stale):
+                _temp_table(cur, "stale", stale[["cluster", "identifier_type", "identifier_value"]])
+                cur.execute(
+                    "delete from identifiers where (cluster, identifier_type, identifier_value) in "
+                    "(select cluster, identifier_type, identifier_value from temp.stale)"
+                )
+            index_old = old[["ikey", "cluster"]].drop_duplicates()
+            index_new = new[["ikey", "cluster"]].drop_duplicates()
+            pairs = index_old.merge(index_new, on=["ikey", "cluster"], how="outer", indicator=True)
+            gone = pairs[pairs["_merge"] == "left_only"][["ikey", "cluster"]]
+            index_table = _arrow(pairs[pairs["_merge"] == "right_only"][["ikey", "cluster"]])
+            if len(gone):
+                _temp_table(cur, "gone", gone)
+                cur.execute("delete from identifier_index where (ikey, cluster) in (select ikey, cluster from temp.gone)")
+        else:
+            index_table = pa.Table.from_pandas(index_table.to_pandas().drop_duplicates(), preserve_index=False)
+        if table.num_rows:
+            cur.adbc_ingest("identifiers", table.select(columns).sort_by([(c, "ascending") for c in columns[:3]]), mode="append")
+        if index_table.num_rows:
+            cur.adbc_ingest("identifier_index", index_table.sort_by([("ikey", "ascending"), ("cluster", "ascending")]), mode="append")
+        conflicts = result.conflicts
+        if len(conflicts):
+            owner = result.identity_map.set_index(["identifier_type", "identifier_value"])["profile_id"]
+            keys = pd.MultiIndex.from_arrays([conflicts["from_type"], conflicts["from_value"]])
+            conflict_cluster = clusters.reindex(owner.reindex(keys).astype(str).to_numpy()).to_numpy(np.int64)
+            cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=conflict_cluster)), mode="append")
+        if len(profiles):
+            table = _profile_rows(profiles, provenance, clusters, result.components, self.rules.attributes)
+            cur.adbc_ingest("profiles", table.sort_by([("cluster", "ascending"), ("profile_id", "ascending")]), mode="append")
+        placed = pd.DataFrame(
+            {
+                "profile_id": profiles["profile_id"].astype(object).to_numpy(),
+                "cluster": clusters.reindex(profiles["profile_id"].astype(str)).to_numpy(np.int64),
+            }
+        )
+        if old_profiles is not None and len(old_profiles):
+            before = old_profiles[["profile_id", "cluster"]].astype({"profile_id": object})
+            pairs = before.merge(placed, on=["profile_id", "cluster"], how="outer", indicator=True)
+            gone = pairs[pairs["_merge"] == "left_only"]
+            placed = pairs[pairs["_merge"] == "right_only"][["profile_id", "cluster"]]
+            if len(gone):
+                _temp_strings(cur, "pgone", gone["profile_id"].tolist())
+                cur.execute("delete from profile_index where profile_id in (select k from temp.pgone)")
+        if len(placed):
+            _temp_strings(cur, "pmoved", placed["profile_id"].tolist())
+            cur.execute("delete from profile_index where profile_id in (select k from temp.pmoved)")
+            cur.adbc_ingest("profile_index", _arrow(placed).sort_by([("profile_id", "ascending")]), mode="append")
+
+    # -- full rebuild --------------------------------------------------------------------
+
+    def rebuild(self, lake, run_id: Optional[str] = None, reason: str = "requested") -> ApplyReport:
+        """Recompute everything from staged history into a new database file, then switch
+        to it atomically. The ledger of the new store names every batch it read."""
+        with self._writer():
+            return self._rebuild(lake, run_id, reason)
+
+    def _rebuild(self, lake, run_id: Optional[str], reason: str) -> ApplyReport:
+        started = tick = time.perf_counter()
+        lake.register_unlisted()
+        manifest = lake.batches()
+        # Two passes over the staged files, so the whole history is never in memory at once:
+        # the key columns pick each record's latest version, then only those rows are read.
+        mapper = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get
+        files = lake.staged_files()
+        key_columns = ["source", "source_record_id", "observed_at", "received_at", "is_deleted"]
+        key_schema = pa.schema([canonical.CANONICAL_SCHEMA.field(c) for c in key_columns])
+        parts = [pq.read_table(f, columns=key_columns, schema=canonical.CANONICAL_SCHEMA).cast(key_schema) for f in files]
+        sizes = np.array([t.num_rows for t in parts], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        keys = (pa.concat_tables(parts) if parts else key_schema.empty_table()).to_pandas(types_mapper=mapper)
+        del parts
+
+        def read_rows(rows: np.ndarray) -> pa.Table:
+            """Whole canonical rows at global positions, in the order given."""
+            order = np.argsort(rows, kind="stable")
+            ordered = rows[order]
+            file_of = np.searchsorted(starts, ordered, side="right") - 1
+            pieces = []
+            for number in np.unique(file_of):
+                local = ordered[file_of == number] - starts[number]
+                table = pq.read_table(files[number], schema=canonical.CANONICAL_SCHEMA)
+                pieces.append(table.take(pa.array(local)))
+            taken = pa.concat_tables(pieces) if pieces else canonical.CANONICAL_SCHEMA.empty_table()
+            back = np.empty(len(rows), dtype=np.int64)
+            back[order] = np.arange(len(rows))
+            return taken.take(pa.array(back)).combine_chunks()
+
+        tick = time.perf_counter()
+        report = ApplyReport(mode="rebuild", reason=reason, rows_read=len(keys))
+        report.stages["read"] = round(tick - started, 3)
+        report.batches_applied = int((manifest["verdict"] == "passed").sum())
+        report.batches_held = [
+            f"{s}/{b}" for s, b, v in zip(manifest["source"], manifest["batch"], manifest["verdict"]) if v == "failed"
+        ]
+        codes = record_codes(keys)
+        rkeys = record_hashes(keys)
+        assert_distinct_keys(codes, rkeys)
+        winners = latest_versions(keys, codes, full_rows=lambda rows: read_rows(rows).to_pandas(types_mapper=mapper))
+        deleted = keys["is_deleted"].fillna(False).to_numpy(dtype=bool)[winners]
+        live_rows, dead_rows = winners[~deleted], winners[deleted]
+        live_keys, dead_keys = rkeys[live_rows], rkeys[dead_rows]
+        del keys, codes, rkeys
+        out_table = read_rows(np.concatenate([live_rows, dead_rows]))
+        live = out_table.slice(0, len(live_rows)).to_pandas(types_mapper=mapper)
+        tick = report.lap("current_state", tick)
+        result = resolve_identities(live, self.limits)
+        tick = report.lap("resolve_identities", tick)
+        profiles, provenance = build_profiles(live, result.record_profiles, self.rules, identity_map=result.identity_map)
+        tick = report.lap("build_profiles", tick)
+        clusters = raw_clusters(result)
+        cluster_of, profile_of = _assignment(live, live_keys, result, clusters)
+        tick = report.lap("clusters", tick)
+        report.versions_changed = len(winners)
+        report.records_recomputed = len(live)
+        report.clusters_touched = int(clusters.nunique())
+        report.profiles_written = len(profiles)
+        report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
+        report.sample_profile_id = _sample_id(profiles)
+
+        previous = self.current_path()
+        path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
+        _create(path)
+        conn, cur = self._connect(path)
+        try:
+            # A new file no reader knows yet: no journal while it is filled (if the run dies,
+            # the file is never named in CURRENT and is removed by the next rebuild).
+            cur.execute("pragma journal_mode=off")
+            cur.execute("pragma synchronous=off")
+            cur.execute("begin immediate")
+            del live
+            out_meta = {
+                "cluster": np.concatenate([cluster_of, np.full(len(dead_rows), NO_CLUSTER, dtype=np.int64)]),
+                "rkey": np.concatenate([live_keys, dead_keys]),
+                "profile_id": pa.concat_arrays(
+                    [profile_of, pa.nulls(len(dead_rows), pa.string())]
+                ),
+            }
+            records = _table_to_store(out_table, out_meta)
+            del out_table, out_meta
+            records = records.take(pc.sort_indices(records, [("cluster", "ascending"), ("rkey", "ascending")]))
+            tick = report.lap("convert_records", tick)
+            cur.adbc_ingest("records", records, mode="append")
+            tick = report.lap("write_records", tick)
+            index = pa.table({"rkey": records.column("rkey"), "cluster": records.column("cluster")})
+            del records
+            cur.adbc_ingest("record_index", index.sort_by([("rkey", "ascending")]), mode="append")
+            del index
+            tick = report.lap("write_record_index", tick)
+            _create_output_tables(cur, profiles, provenance, clusters, result, self.rules.attributes)
+            self._write_outputs(cur, result, clusters, profiles, provenance)
+            _adjust_counters(cur, _new_counters(result, profiles), sign=+1)
+            tick = report.lap("write_outputs", tick)
+            for statement in _INDEXES:
+                cur.execute(statement)
+            tick = report.lap("indexes", tick)
+            if previous is not None:
+                _carry_changes(cur, previous, result, run_id)
+            _append_ledger(cur, manifest, run_id)
+            now = datetime.now(timezone.utc).isoformat()
+            _set_meta(cur, {"config_hash": self.digest, "format": str(FORMAT), "built_at": now, "reason": reason})
+            report.totals = _record_stats(cur, report, run_id)
+            cur.execute("commit")
+            cur.execute("pragma journal_mode=wal")
+            tick = report.lap("commit", tick)
+        finally:
+            cur.close()
+            conn.close()
+        pointer = self.directory / f".CURRENT.{uuid.uuid4().hex}"
+        pointer.write_text(path.name)
+        os.replace(pointer, self.directory / "CURRENT")
+        for old in self.directory.glob("profiles-*.sqlite*"):
+            if not old.name.startswith(path.name):
+                old.unlink(missing_ok=True)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    # -- reading the tables --------------------------------------------------------------
+
+    def _kinds(self, cur) -> dict[str, str]:
+        meta = dict(zip(*_columns(_query(cur, "select key, value from meta"), "key", "value")))
+        return json.loads(meta["kinds:profiles"])
+
+    def profiles(self, profile_ids: Optional[list[str]] = None) -> pd.DataFrame:
+        """resolved_profiles (all, or the given ids), in the columns and dtypes
+        ``core.profiles.build_profiles`` returns, sorted by profile_id."""
+        with self.reader() as cur:
+            kinds = self._kinds(cur)
+            columns = ", ".join(kinds)
+            if profile_ids is None:
+                table = _query(cur, f"select {columns} from profiles order by profile_id")
+            else:
+                _temp_strings(cur, "p", list(profile_ids))
+                table = _query(
+                    cur,
+                    f"select {', '.join('p.' + c for c in kinds)} from temp.p join profile_index x on x.profile_id = temp.p.k "
+                    "join profiles p on p.cluster = x.cluster and p.profile_id = x.profile_id order by p.profile_id",
+                )
+        return _frame_from_store(table, kinds)
+
+    def provenance(self, profile_id: Optional[str] = None) -> pd.DataFrame:
+        """profile_attribute_provenance (all, or one profile's): one row per profile and
+        attribute with a winner, sorted by (attribute, profile_id)."""
+        attributes = list(self.rules.attributes)
+        with self.reader() as cur:
+            wanted = ["profile_id"] + [f"{a}{suffix}" for a in attributes for suffix in _PROVENANCE_SUFFIXES]
+            wanted += attributes
+            columns = ", ".join(wanted)
+            if profile_id is None:
+                table = _query(cur, f"select {columns} from profiles")
+            else:
+                _temp_strings(cur, "p", [profile_id])
+                table = _query(
+                    cur,
+                    f"select {', '.join('p.' + c for c in wanted)} from temp.p join profile_index x on x.profile_id = temp.p.k "
+                    "join profiles p on p.cluster = x.cluster and p.profile_id = x.profile_id",
+                )
+        parts = []
+        for attribute in attributes:
+            source = table.column(f"{attribute}__source").cast(pa.string())
+            has = source.is_valid()
+            if not pc.any(has).as_py():
+                continue
+            picked = table.filter(has)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "profile_id": pd.array(picked.column("profile_id").cast(pa.string()), dtype="str"),
+                        "attribute": attribute,
+                        "value": pd.array(picked.column(attribute).cast(pa.string()), dtype="str"),
+                        "source": pd.array(picked.column(f"{attribute}__source").cast(pa.string()), dtype="str"),
+                        "source_record_id": pd.array(picked.column(f"{attribute}__record").cast(pa.string()), dtype="str"),
+                        "observed_at": picked.column(f"{attribute}__observed_at").cast(pa.int64()).cast(_TS).to_pandas(),
+                        "tier": picked.column(f"{attribute}__tier").cast(pa.int64()).to_numpy(),
+                    }
+                )
+            )
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype="str") for c in PROVENANCE_COLUMNS})
+        out = pd.concat(parts, ignore_index=True).astype({"attribute": "str"})
+        order = {a: i for i, a in enumerate(sorted(attributes))}
+        out = out.sort_values(["attribute", "profile_id"], key=lambda c: c.map(order) if c.name == "attribute" else c)
+        return out.reset_index(drop=True)[list(PROVENANCE_COLUMNS)]
+
+    def identity_map(self) -> pd.DataFrame:
+        with self.reader() as cur:
+            table = _query(cur, "select identifier_type, identifier_value, profile_id, first_seen from identifiers")
+        frame = _frame_from_store(table, {"first_seen": "ts"})
+        return frame.sort_values(["profile_id", "identifier_type", "identifier_value"], kind="stable").reset_index(drop=True)
+
+    def conflicts(self) -> pd.DataFrame:
+        with self.reader() as cur:
+            table = _query(cur, "select * from conflicts")
+        frame = _frame_from_store(table, {"first_seen": "ts"}).drop(columns="cluster")
+        return frame.sort_values(["from_type", "from_value", "to_type", "to_value"], kind="stable").reset_index(drop=True)
+
+    def record_profiles(self) -> pd.DataFrame:
+        with self.reader() as cur:
+            table = _query(
+                cur, "select source, source_record_id, profile_id from records where profile_id is not null"
+            )
+        frame = table.to_pandas()
+        return frame.sort_values(["source", "source_record_id"], kind="stable").reset_index(drop=True)
+
+    def changes(self) -> pd.DataFrame:
+        with self.reader() as cur:
+            return _query(cur, "select * from changes").to_pandas()
+
+    def stats(self, limit: int = 500) -> pd.DataFrame:
+        """The per-run totals, newest last (profiles, without_email, conflicts, largest_component)."""
+        with self.reader() as cur:
+            table = _query(cur, f"select * from (select rowid as seq, * from stats order by rowid desc limit {int(limit)}) order by seq")
+        return table.to_pandas()
+
+    def counts(self) -> dict[str, int]:
+        with self.reader() as cur:
+            meta = dict(zip(*_columns(_query(cur, "select key, value from meta where key like 'count:%'"), "key", "value")))
+            return {
+                "profiles": int(meta.get("count:profiles", 0)),
+                "profiles_without_email": int(meta.get("count:without_email", 0)),
+                "identifiers": int(_query(cur, "select count(*) as n from identifiers").column("n")[0].as_py()),
+                "conflicts": int(_query(cur, "select count(*) as n from conflicts").column("n")[0].as_py()),
+            }
+
+
+# -- conversions between canonical frames and store rows -----------------------------------
+
+
+_closers: list[threading.Thread] = []
+
+
+def _close_later(conn, cur) -> None:
+    """Close a writer's connection on a background thread. The last connection to close
+    copies the write-ahead log into the database file (a checkpoint): tens of megabytes
+    after a large batch, and durable already (the WAL is), so the step does not wait for
+    it; the thread is not a daemon, so the process still finishes it before exiting."""
+
+    def close() -> None:
+        try:
+            cur.execute("pragma wal_checkpoint(passive)")
+        finally:
+            cur.close()
+            conn.close()
+
+    worker = threading.Thread(target=close, name="profile-store-checkpoint")
+    worker.start()
+    _closers.append(worker)
+    _closers[:] = [t for t in _closers if t.is_alive()]
+
+
+def wait_for_checkpoints() -> None:
+    """Wait for background checkpoints (tests and benchmarks that measure disk state)."""
+    for worker in list(_closers):
+        worker.join()
+
+
+def _query(cur, sql: str, params=None) -> pa.Table:
+    cur.adbc_statement.set_options(**_BIG)
+    cur.execute(sql, params) if params is not None else cur.execute(sql)
+    return cur.fetch_arrow_table()
+
+
+def _columns(table: pa.Table, *names: str) -> list[list]:
+    return [table.column(n).to_pylist() for n in names]
+
+
+def _temp_keys(cur, name: str, keys: np.ndarray) -> None:
+    cur.adbc_ingest(name, pa.table({"k": pa.array(np.asarray(keys, dtype=np.int64))}), mode="replace", temporary=True)
+
+
+def _temp_strings(cur, name: str, keys: list[str]) -> None:
+    cur.adbc_ingest(name, pa.table({"k": pa.array(list(keys), pa.string())}), mode="replace", temporary=True)
+
+
+def _temp_pairs(cur, name: str, clusters: np.ndarray, keys: np.ndarray) -> None:
+    cur.adbc_ingest(name, pa.table({"c": pa.array(clusters), "k": pa.array(keys)}), mode="replace", temporary=True)
+
+
+def _micros_array(values: pd.Series) -> pa.Array:
+    stamps = pd.Series(pd.to_datetime(values, utc=True))
+    micros = stamps.dt.as_unit("us").array.asi8.copy()
+    return pa.array(micros, mask=stamps.isna().to_numpy(), type=pa.int64())
+
+
+def _records_to_store(frame: pd.DataFrame, meta: dict) -> pa.Table:
+    table = canonical.to_table(frame) if len(frame) else canonical.CANONICAL_SCHEMA.empty_table()
+    return _table_to_store(table, meta)
+
+
+def _table_to_store(table: pa.Table, meta: dict) -> pa.Table:
+    """Canonical Arrow rows plus their cluster, key and profile -> rows of ``records``."""
+    okey = pa.array(_order_keys_arrow(table), pa.int64())
+    columns: dict[str, pa.Array] = {
+        "cluster": pa.array(meta["cluster"], pa.int64()),
+        "rkey": pa.array(meta["rkey"], pa.int64()),
+        "profile_id": pa.array(meta["profile_id"], pa.string(), from_pandas=True)
+        if not isinstance(meta["profile_id"], (pa.Array, pa.ChunkedArray))
+        else meta["profile_id"],
+        "okey": pc.if_else(pc.equal(okey, NO_CLUSTER), pa.scalar(None, pa.int64()), okey),
+    }
+    for name in canonical.CANONICAL_COLUMNS:
+        column = table.column(name)
+        if column.type == _TS:
+            column = column.cast(pa.int64())
+        elif pa.types.is_boolean(column.type):
+            column = column.cast(pa.int64())
+        columns[name] = column
+    return pa.table(columns)
+
+
+def _order_keys_arrow(table: pa.Table) -> np.ndarray:
+    """``order_keys`` over an Arrow table, converting only the order rows to pandas."""
+    if table.num_rows == 0:
+        return np.empty(0, dtype=np.int64)
+    is_order = pc.and_(
+        pc.equal(table.column("source"), "shop"),
+        pc.is_in(table.column("event_type"), value_set=pa.array(["order_completed", "order_cancelled"])),
+    ).fill_null(False)
+    out = np.full(table.num_rows, NO_CLUSTER, dtype=np.int64)
+    rows = np.flatnonzero(is_order.to_numpy(zero_copy_only=False))
+    if len(rows):
+        picked = table.select(["source", "event_type", "shop", "order_id"]).take(pa.array(rows)).to_pandas()
+        out[rows] = order_keys(picked)
+    return out
+
+
+def _records_from_store(table: pa.Table) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Store rows -> (canonical frame, {cluster, rkey, profile_id, okey})."""
+    arrays = {}
+    for f in canonical.CANONICAL_SCHEMA:
+        column = table.column(f.name) if table.num_rows else pa.array([], f.type)
+        if table.num_rows:
+            if f.type == _TS:
+                column = column.cast(pa.int64()).cast(_TS)
+            elif pa.types.is_boolean(f.type):
+                column = pc.not_equal(column.cast(pa.int64()), 0)
+            else:
+                column = column.cast(f.type)
+        arrays[f.name] = column
+    canon = pa.table(arrays, schema=canonical.CANONICAL_SCHEMA)
+    # The dtypes ``canonical.to_frame`` gives (a test holds them equal).
+    frame = canon.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get)
+
+    def ints(name: str) -> np.ndarray:
+        if not table.num_rows:
+            return np.empty(0, dtype=np.int64)
+        return table.column(name).cast(pa.int64()).fill_null(NO_CLUSTER).to_numpy()
+
+    profile = (
+        table.column("profile_id").cast(pa.string()).to_numpy(zero_copy_only=False)
+        if table.num_rows
+        else np.empty(0, dtype=object)
+    )
+    return frame, {"cluster": ints("cluster"), "rkey": ints("rkey"), "profile_id": profile, "okey": ints("okey")}
+
+
+def _frame_kinds(frame: pd.DataFrame) -> dict[str, str]:
+    kinds = {}
+    for name, dtype in frame.dtypes.items():
+        if isinstance(dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(dtype):
+            kinds[name] = "ts"
+        elif pd.api.types.is_bool_dtype(dtype):
+            kinds[name] = "bool"
+        elif pd.api.types.is_integer_dtype(dtype):
+            kinds[name] = "Int64" if isinstance(dtype, pd.Int64Dtype) else "int"
+        elif name == "emails":
+            kinds[name] = "json"
+        else:
+            kinds[name] = "str"
+    return kinds
+
+
+def _frame_to_store(frame: pd.DataFrame) -> pa.Table:
+    """A profile-store output frame -> Arrow columns SQLite keeps: timestamps as int64
+    microseconds, booleans as 0/1, the email list as newline-joined text (an address never
+    holds a newline: validation refuses it)."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    columns = {}
+    for name, kind in _frame_kinds(frame).items():
+        column = table.column(name)
+        if kind == "ts":
+            column = column.cast(_TS).cast(pa.int64())
+        elif kind in ("int", "Int64", "bool"):
+            column = column.cast(pa.int64())
+        elif kind == "json":
+            column = pc.binary_join(column.cast(pa.list_(pa.string())), "\n")
+        else:
+            column = column.cast(pa.string())
+        columns[name] = column
+    return pa.table(columns)
+
+
+def _frame_from_store(table: pa.Table, kinds: dict[str, str]) -> pd.DataFrame:
+    data = {}
+    for name in table.column_names:
+        column = table.column(name)
+        kind = kinds.get(name, "str")
+        if name == "cluster":
+            data[name] = pd.Series(column.cast(pa.int64()).to_numpy(zero_copy_only=False))
+        elif kind == "ts":
+            data[name] = pd.Series(column.cast(pa.int64()).cast(_TS).to_pandas())
+        elif kind == "int":
+            data[name] = pd.Series(column.cast(pa.int64()).to_numpy(zero_copy_only=False)).astype(np.int64)
+        elif kind == "Int64":
+            data[name] = pd.Series(pd.array(column.cast(pa.int64()).to_pylist(), dtype="Int64"))
+        elif kind == "bool":
+            data[name] = pd.Series(column.cast(pa.int64()).to_numpy(zero_copy_only=False) != 0)
+        elif kind == "json":
+            text = column.cast(pa.string())
+            lists = pc.if_else(pc.equal(text, ""), pa.scalar([], pa.list_(pa.string())), pc.split_pattern(text, "\n"))
+            data[name] = pd.Series(lists.to_pylist(), dtype=object)
+        else:
+            data[name] = pd.Series(pd.array(column.cast(pa.string()), dtype="str"))
+    return pd.DataFrame(data)
+
+
+# -- small helpers -------------------------------------------------------------------------
+
+
+def _create(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("pragma page_size=4096")
+        for statement in _DDL:
+            conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+_PROVENANCE_SUFFIXES = ("__source", "__record", "__observed_at", "__tier")
+
+
+def _profile_rows(
+    profiles: pd.DataFrame,
+    provenance: pd.DataFrame,
+    clusters: pd.Series,
+    components: pd.DataFrame,
+    attributes: tuple[str, ...],
+) -> pa.Table:
+    """The rows of ``profiles``: the resolved profile, its cluster and identifier count, and
+    the provenance of each attribute as four columns."""
+    base = _frame_to_store(profiles)
+    ids = base.column("profile_id")
+    columns = {name: base.column(name) for name in base.column_names}
+    columns["cluster"] = pa.array(_lookup(clusters.index.to_numpy(object), clusters.to_numpy(np.int64), ids, 0))
+    columns["size"] = pa.array(
+        _lookup(components["profile_id"].to_numpy(object), components["size"].to_numpy(np.int64), ids, 0)
+    )
+    n = len(ids)
+    attribute_column = pa.array(provenance["attribute"], pa.string(), from_pandas=True)
+    for attribute in attributes:
+        rows = provenance[pc.equal(attribute_column, attribute).to_numpy(zero_copy_only=False)]
+        at = pc.index_in(pa.array(rows["profile_id"], pa.string(), from_pandas=True), value_set=ids)
+        at = at.to_numpy(zero_copy_only=False).astype(np.int64)
+        source = np.full(n, None, dtype=object)
+        record = np.full(n, None, dtype=object)
+        observed = np.zeros(n, dtype=np.int64)
+        tier = np.zeros(n, dtype=np.int64)
+        mask = np.ones(n, dtype=bool)
+        source[at] = rows["source"].astype(object).to_numpy()
+        record[at] = rows["source_record_id"].astype(object).to_numpy()
+        observed[at] = _micros_array(rows["observed_at"]).fill_null(0).to_numpy()
+        tier[at] = rows["tier"].to_numpy(np.int64)
+        mask[at] = False
+        columns[f"{attribute}__source"] = pa.array(source, pa.string())
+        columns[f"{attribute}__record"] = pa.array(record, pa.string())
+        columns[f"{attribute}__observed_at"] = pa.array(observed, mask=mask)
+        columns[f"{attribute}__tier"] = pa.array(tier, mask=mask)
+    return pa.table(columns)
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: pa.Array, default: int) -> np.ndarray:
+    """values[keys.index(w)] for each w in ``wanted`` (``default`` when absent), by hash join."""
+    position = pc.index_in(wanted, value_set=pa.array(keys, pa.string(), from_pandas=True))
+    out = np.full(len(wanted), default, dtype=np.int64)
+    valid = position.is_valid().to_numpy(zero_copy_only=False)
+    out[valid] = values[position.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)]
+    return out
+
+
+def _create_output_tables(
+    cur, profiles: pd.DataFrame, provenance: pd.DataFrame, clusters: pd.Series, result: IdentityResult, attributes
+) -> None:
+    frame_kinds = _frame_kinds(profiles)
+    sample = _profile_rows(profiles.head(0), provenance.head(0), clusters, result.components.head(0), attributes)
+    columns = ", ".join(
+        f"{name} {'text' if pa.types.is_string(sample.schema.field(name).type) else 'integer'}"
+        for name in sample.column_names
+    )
+    cur.execute(f"create table profiles ({columns}, primary key (cluster, profile_id)) without rowid")
+    _set_meta(cur, {"kinds:profiles": json.dumps(frame_kinds)})
+
+
+def _new_counters(result: IdentityResult, profiles: pd.DataFrame) -> pd.DataFrame:
+    sizes = result.components.set_index(result.components["profile_id"].astype(str))["size"]
+    ids = profiles["profile_id"].astype(str)
+    return pd.DataFrame(
+        {
+            "profile_id": ids.to_numpy(),
+            "size": sizes.reindex(ids).fillna(0).to_numpy(np.int64),
+            "no_email": profiles["primary_email"].isna().to_numpy(),
+        }
+    )
+
+
+def _adjust_counters(cur, rows: pd.DataFrame, sign: int) -> None:
+    """Keep the profile count, the count without email and the size histogram in step
+    with the rows just removed (sign -1) or written (+1): the checks read them without a
+    table scan."""
+    if rows.empty:
+        return
+    sizes = rows["size"].astype(np.int64).value_counts()
+    table = pa.table({"size": pa.array(sizes.index.to_numpy(np.int64)), "profiles": pa.array(sign * sizes.to_numpy(np.int64))})
+    cur.adbc_ingest("size_delta", table, mode="replace", temporary=True)
+    cur.execute(
+        "insert into component_sizes select size, profiles from temp.size_delta where true "
+        "on conflict (size) do update set profiles = profiles + excluded.profiles"
+    )
+    cur.execute("delete from component_sizes where profiles = 0")
+    for key, delta in (("count:profiles", len(rows)), ("count:without_email", int(rows["no_email"].astype(bool).sum()))):
+        cur.execute(
+            "insert into meta values (?, ?) on conflict (key) do update set value = cast(value as integer) + ?",
+            (key, str(sign * delta), sign * delta),
+        )
+
+
+def _arrow(frame: pd.DataFrame) -> pa.Table:
+    """A small frame of int and string columns -> Arrow, nulls kept."""
+    columns = {}
+    for name in frame.columns:
+        series = frame[name]
+        if pd.api.types.is_integer_dtype(series.dtype):
+            columns[name] = pa.array(pd.array(series, dtype="Int64"), pa.int64())
+        else:
+            columns[name] = pa.array(series.astype(object).tolist(), pa.string())
+    return pa.table(columns)
+
+
+def _temp_table(cur, name: str, frame: pd.DataFrame) -> None:
+    cur.adbc_ingest(name, _arrow(frame), mode="replace", temporary=True)
+
+
+def _set_meta(cur, values: dict[str, str]) -> None:
+    table = pa.table({"key": list(values), "value": [str(v) for v in values.values()]})
+    _temp_strings(cur, "mk", list(values))
+    cur.execute("delete from meta where key in (select k from temp.mk)")
+    cur.adbc_ingest("meta", table, mode="append")
+
+
+def _append_ledger(cur, batches: pd.DataFrame, run_id: Optional[str]) -> None:
+    if batches.empty:
+        return
+    rows = pa.table(
+        {
+            "source": pa.array(batches["source"].astype(str).tolist(), pa.string()),
+            "batch": pa.array(batches["batch"].astype(str).tolist(), pa.string()),
+            "verdict": pa.array(batches["verdict"].astype(str).tolist(), pa.string()),
+            "content_hash": pa.array(batches["content_hash"].astype(str).tolist(), pa.string()),
+            "rows": pa.array(batches["rows"].astype(np.int64).to_numpy(), pa.int64()),
+            "reason": pa.array([None if pd.isna(r) else str(r) for r in batches["reason"]], pa.string()),
+            "applied_at": pa.array([datetime.now(timezone.utc).isoformat()] * len(batches), pa.string()),
+            "run_id": pa.array([run_id] * len(batches), pa.string()),
+        }
+    )
+    cur.adbc_ingest("pending_ledger", rows, mode="replace", temporary=True)
+    cur.execute(
+        "insert into ledger select * from temp.pending_ledger where true "
+        "on conflict (source, batch, verdict) do update set content_hash = excluded.content_hash, "
+        "rows = excluded.rows, reason = excluded.reason, applied_at = excluded.applied_at, run_id = excluded.run_id"
+    )
+
+
+def _append_changes(cur, changes: pd.DataFrame, run_id: Optional[str]) -> None:
+    if changes.empty:
+        return
+    now = datetime.now(timezone.utc).isoformat()
+    cur.adbc_ingest(
+        "changes",
+        pa.table(
+            {
+                "changed_at": pa.array([now] * len(changes), pa.string()),
+                "run_id": pa.array([run_id] * len(changes), pa.string()),
+                "old_profile_id": pa.array(changes["old_profile_id"].astype(object), pa.string(), from_pandas=True),
+                "new_profile_id": pa.array(changes["new_profile_id"].astype(object), pa.string(), from_pandas=True),
+            }
+        ),
+        mode="append",
+    )
+
+
+def _carry_changes(cur, previous: Path, result: IdentityResult, run_id: Optional[str]) -> None:
+    """Keep the old store's change log, and log the changes between its assignment and the
+    rebuilt one."""
+    old_conn, old_cur = ProfileStore._connect(previous)
+    try:
+        log = _query(old_cur, "select * from changes")
+        old_rp = _query(
+            old_cur, "select source, source_record_id, profile_id from records where profile_id is not null"
+        ).to_pandas()
+    finally:
+        old_cur.close()
+        old_conn.close()
+    if log.num_rows:
+        cur.adbc_ingest("changes", log.cast(pa.schema([(n, pa.string()) for n in log.column_names])), mode="append")
+    if len(old_rp):
+        _append_changes(cur, profile_id_changes(old_rp.astype(str), result.record_profiles), run_id)
+
+
+def _record_stats(cur, report: ApplyReport, run_id: Optional[str]) -> dict[str, int]:
+    """Totals after this run, from the counters (no table scan), appended to ``stats``."""
+    meta = dict(zip(*_columns(_query(cur, "select key, value from meta where key like 'count:%'"), "key", "value")))
+    largest = _query(cur, "select coalesce(max(size), 0) as n from component_sizes").column("n")[0].as_py()
+    totals = {
+        "profiles": int(meta.get("count:profiles", 0)),
+        "without_email": int(meta.get("count:without_email", 0)),
+        "conflicts": int(_query(cur, "select count(*) as n from conflicts").column("n")[0].as_py()),
+        "largest_component": int(largest or 0),
+    }
+    cur.adbc_ingest(
+        "stats",
+        pa.table(
+            {
+                "at": pa.array([datetime.now(timezone.utc).isoformat()], pa.string()),
+                "run_id": pa.array([run_id], pa.string()),
+                "mode": pa.array([report.mode], pa.string()),
+                **{name: pa.array([value], pa.int64()) for name, value in totals.items()},
+            }
+        ),
+        mode="append",
+    )
+    return totals
+
+
+def _sample_id(profiles: pd.DataFrame) -> Optional[str]:
+    if profiles.empty:
+        return None
+    with_email = profiles[profiles["primary_email"].notna()]
+    return str((with_email if len(with_email) else profiles)["profile_id"].iloc[0])
+
+
+def _identifier_clusters(cur, frame: pd.DataFrame) -> set[int]:
+    if frame.empty:
+        return set()
+    identifiers = normalised_identifiers(frame)
+    if identifiers.empty:
+        return set()
+    ikeys = identifier_hashes(identifiers["identifier_type"], identifiers["identifier_value"])
+    _temp_keys(cur, "ik", ikeys)
+    found = _query(cur, "select distinct i.cluster from temp.ik join identifier_index i on i.ikey = temp.ik.k")
+    return set(found.column("cluster").to_pylist())
+
+
+def _fetch_clusters(cur, clusters: set[int]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    _temp_keys(cur, "c", np.fromiter(clusters, dtype=np.int64, count=len(clusters)))
+    table = _query(cur, "select r.* from temp.c join records r on r.cluster = temp.c.k")
+    return _records_from_store(table)
+
+
+def _check_same_records(stored: pd.DataFrame, stored_keys: np.ndarray, incoming: pd.DataFrame, incoming_keys: np.ndarray) -> None:
+    if stored.empty:
+        return
+    names = dict(zip(incoming_keys.tolist(), zip(incoming["source"].astype(str), incoming["source_record_id"].astype(str))))
+    for key, source, record in zip(stored_keys.tolist(), stored["source"].astype(str), stored["source_record_id"].astype(str)):
+        if names.get(key, (source, record)) != (source, record):
+            raise StoreError("two different source records share a 64-bit store key; please report this")
+
+
+def _assignment(
+    frame: pd.DataFrame, keys: np.ndarray, result: IdentityResult, clusters: pd.Series
+) -> tuple[np.ndarray, pa.Array]:
+    """(cluster, profile_id) of each record of ``frame`` (NO_CLUSTER / null when it carries
+    no usable identifier)."""
+    rp = result.record_profiles
+    position = pc.index_in(record_keys(frame), value_set=record_keys(rp))
+    profile = pa.array(rp["profile_id"], pa.string(), from_pandas=True).take(position)
+    cluster = np.full(len(frame), NO_CLUSTER, dtype=np.int64)
+    if len(clusters):
+        profile_position = pc.index_in(profile, value_set=pa.array(clusters.index.to_numpy(object), pa.string()))
+        has = profile_position.is_valid().to_numpy(zero_copy_only=False)
+        numbers = clusters.to_numpy(np.int64)
+        cluster[has] = numbers[profile_position.drop_null().to_numpy(zero_copy_only=False)]
+    return cluster, profile
