@@ -276,7 +276,7 @@ class ProfileStore:
                 ledger = _query(cur, "select source, batch, verdict, content_hash from ledger").to_pandas()
                 todo, held = self._pending(manifest, ledger)
                 report = ApplyReport(mode="incremental" if len(todo) else "nothing-new")
-                report.batches_held = [f"{s}/{b}" for s, b in zip(held["source"], held["batch"])]
+                report.batches_held = held_batches(manifest)
                 frames = [lake.read_batch(s, b) for s, b in zip(todo["source"], todo["batch"])]
                 tick = report.lap("read_batches", started)
                 frames = [f for f in frames if not f.empty]
@@ -585,9 +585,7 @@ class ProfileStore:
         report = ApplyReport(mode="rebuild", reason=reason, rows_read=len(keys))
         report.stages["read"] = round(tick - started, 3)
         report.batches_applied = int((manifest["verdict"] == "passed").sum())
-        report.batches_held = [
-            f"{s}/{b}" for s, b, v in zip(manifest["source"], manifest["batch"], manifest["verdict"]) if v == "failed"
-        ]
+        report.batches_held = held_batches(manifest)
         codes = record_codes(keys)
         rkeys = record_hashes(keys)
         assert_distinct_keys(codes, rkeys)
@@ -777,6 +775,16 @@ class ProfileStore:
                 "identifiers": int(_query(cur, "select count(*) as n from identifiers").column("n")[0].as_py()),
                 "conflicts": int(_query(cur, "select count(*) as n from conflicts").column("n")[0].as_py()),
             }
+
+
+def held_batches(manifest: pd.DataFrame) -> list[str]:
+    """"source/batch" of every batch whose latest write failed its check (held back until a
+    later write of it passes)."""
+    if manifest.empty:
+        return []
+    latest = manifest.sort_values("written_at").drop_duplicates(["source", "batch"], keep="last")
+    failed = latest[latest["verdict"] == "failed"]
+    return [f"{s}/{b}" for s, b in zip(failed["source"], failed["batch"])]
 
 
 # -- conversions between canonical frames and store rows -----------------------------------
