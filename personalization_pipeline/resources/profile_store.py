@@ -413,9 +413,9 @@ class ProfileStore:
         report.records_written = written.num_rows
         tick = report.lap("write_records", tick)
 
-        # Identity map, conflicts and profiles of the touched clusters: the old rows are
-        # found through the identifiers of the clusters' old records (every identifier
-        # comes from a record), and only rows that changed are written.
+        # Identity map, conflicts and profiles of the touched clusters: the old rows are read
+        # by cluster (one range each); identifier rows are rewritten only where they changed,
+        # the clusters' profiles and conflicts are replaced.
         _temp_keys(cur, "t", np.fromiter(touched, dtype=np.int64, count=len(touched)))
         old_identifiers = _query(
             cur,
