@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bench.bench_rebuild_core import _peak_rss_mb, synthetic_history
+from bench.bench_rebuild_core import _peak_rss_mb, write_history
 from bench.common import Figure
 from personalization_pipeline.core import canonical
 from personalization_pipeline.resources.lake import Lake
@@ -35,20 +35,6 @@ SIZES = {"small": (8_000, 16_000), "full": (80_000, 800_000)}  # identified peop
 BATCH = {"small": 2_000, "full": 10_000}
 REPEATS = 3
 _VERSION = 1
-
-
-def write_lake(root: Path, people: int) -> int:
-    """The synthetic history as a lake: staged files per source (manifest registered by the
-    rebuild). Returns the number of staged versions."""
-    rows = 0
-    for number, (source, table) in enumerate(synthetic_history(people)):
-        chunk = max(len(table) // 4, 1)
-        for part, start in enumerate(range(0, len(table), chunk)):
-            path = root / "staged" / source / f"history-{number:02d}-{part:02d}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table.slice(start, chunk), path, compression="zstd")
-        rows += len(table)
-    return rows
 
 
 def micro_batch(root: Path, size: int, seed: int) -> dict[str, pa.Table]:
@@ -151,7 +137,7 @@ def _lake(people: int) -> Path:
     cache = Path(tempfile.gettempdir()) / f"pp_bench_profiles_v{_VERSION}_{people}"
     if not (cache / "done").exists():
         shutil.rmtree(cache, ignore_errors=True)
-        write_lake(cache / "lake", people)
+        write_history(cache / "lake", people, prefix="history-")
         (cache / "done").write_text("ok\n")
     return cache
 

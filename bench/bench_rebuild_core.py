@@ -238,13 +238,13 @@ def synthetic_history(people: int, seed: int = 11) -> list[tuple[str, pa.Table]]
     return tables
 
 
-def write_history(directory: Path, people: int) -> int:
+def write_history(directory: Path, people: int, prefix: str = "") -> int:
     """Write the staged history as the lake keeps it: several Parquet files per source."""
     rows = 0
     for number, (source, table) in enumerate(synthetic_history(people)):
         chunk = max(len(table) // 4, 1)
         for part, start in enumerate(range(0, len(table), chunk)):
-            path = directory / "staged" / source / f"{number:02d}-{part:02d}.parquet"
+            path = directory / "staged" / source / f"{prefix}{number:02d}-{part:02d}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table.slice(start, chunk), path, compression="zstd")
         rows += len(table)

@@ -90,13 +90,6 @@ def validation_checks(asset: str) -> list[dg.AssetCheckSpec]:
     return validation_check_specs(asset)
 
 
-def _drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: bool) -> pd.DataFrame:
-    """ESP members only: our own push bumps a member's last_changed without any new fact
-    (the echo); such a version must not look newer than it is. CRM versions are staged as
-    pulled, so a partition holds exactly the contacts modified in its hour."""
-    return drop_unchanged_versions(frame, lake.read_staged(source)) if drop_unchanged else frame
-
-
 def verdict_of(outcome) -> tuple[str, str | None]:
     """The manifest verdict of a validated batch: a batch whose quarantine check failed is
     held back from profiles and the push (PRODUCT.md section 7)."""

@@ -86,10 +86,6 @@ _BIG = {"adbc.sqlite.query.batch_rows": "1000000000"}
 """Read a whole result as one batch: the driver infers each column's type from the rows of
 a batch, so smaller batches could disagree (a column null in the first rows)."""
 
-RECORD_COLUMNS = ("cluster", "rkey", "profile_id", "okey", *canonical.CANONICAL_COLUMNS)
-IDENTIFIER_COLUMNS = ("ikey", "identifier_type", "identifier_value", "profile_id", "first_seen", "cluster")
-CONFLICT_COLUMNS = ("cluster", "from_type", "from_value", "to_type", "to_value", "reason", "trust_source", "first_seen")
-
 _DDL = [
     "create table meta (key text primary key, value text not null)",
     "create table ledger (source text not null, batch text not null, verdict text not null, content_hash text not null,"
@@ -810,12 +806,6 @@ def _close_later(conn, cur) -> None:
     worker.start()
     _closers.append(worker)
     _closers[:] = [t for t in _closers if t.is_alive()]
-
-
-def wait_for_checkpoints() -> None:
-    """Wait for background checkpoints (tests and benchmarks that measure disk state)."""
-    for worker in list(_closers):
-        worker.join()
 
 
 def _query(cur, sql: str, params=None) -> pa.Table:

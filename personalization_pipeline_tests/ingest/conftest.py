@@ -224,3 +224,12 @@ def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One Kafka-protocol broker (Tansu) for every Kafka test; each test makes its own topic."""
+    from personalization_pipeline.broker import start_broker
+
+    with start_broker() as running:
+        yield running

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Producer
 
 from personalization_pipeline.assets.kafka_events import kafka_batch_name, kafka_events, kafka_offsets_sensor
-from personalization_pipeline.broker import create_topic, start_broker
+from personalization_pipeline.broker import create_topic
 from personalization_pipeline.core.identity import current_state
 from personalization_pipeline.resources.kafka import KafkaResource
 from personalization_pipeline.resources.lake import Lake, LakeResource
@@ -39,12 +39,6 @@ class CatalogueShop(ShopResource):
 class DownShop(ShopResource):
     def catalogue(self) -> dict[str, str]:
         raise dg.Failure(description="the shop is down", allow_retries=False)
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with start_broker() as running:
-        yield running
 
 
 @pytest.fixture

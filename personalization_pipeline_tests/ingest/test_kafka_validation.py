@@ -13,18 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from personalization_pipeline.assets.kafka_events import kafka_batch_name, kafka_events
-from personalization_pipeline.broker import create_topic, start_broker
+from personalization_pipeline.broker import create_topic
 from personalization_pipeline.resources.kafka import KafkaResource
 from personalization_pipeline.resources.lake import Lake, LakeResource
 from personalization_pipeline_tests.validation.builders import order_envelope, track_envelope
 
 from .test_kafka import CatalogueShop, _produce
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with start_broker() as running:
-        yield running
 
 
 @pytest.fixture
