@@ -46,13 +46,20 @@ version is deleted) or a record with no usable identifier."""
 _SEP = "\x1f"
 
 
+_HASH_CHUNK = 1 << 20
+
+
 def _hash_strings(values: pa.Array | pd.Series) -> np.ndarray:
-    """Deterministic 64-bit hashes of strings (pandas' SipHash with its fixed key)."""
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        objects = values.to_numpy(zero_copy_only=False)
-    else:
-        objects = values.to_numpy(dtype=object)
-    return pd.util.hash_array(objects, categorize=False).view(np.int64)
+    """Deterministic 64-bit hashes of strings (pandas' SipHash with its fixed key). The
+    hash needs Python strings; they are made a million at a time, so hashing ten million
+    keys never holds ten million string objects."""
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return pd.util.hash_array(values.to_numpy(dtype=object), categorize=False).view(np.int64)
+    out = np.empty(len(values), dtype=np.int64)
+    for start in range(0, len(values), _HASH_CHUNK):
+        objects = values.slice(start, _HASH_CHUNK).to_numpy(zero_copy_only=False)
+        out[start : start + len(objects)] = pd.util.hash_array(objects, categorize=False).view(np.int64)
+    return out
 
 
 def record_codes(frame: pd.DataFrame) -> np.ndarray:
@@ -63,18 +70,44 @@ def record_codes(frame: pd.DataFrame) -> np.ndarray:
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def record_hashes(frame: pd.DataFrame) -> np.ndarray:
+def record_hashes(frame: pd.DataFrame | pa.Table) -> np.ndarray:
     """The store's key of each record: a 64-bit hash of (source, source_record_id)."""
-    if frame.empty:
+    if len(frame) == 0:
         return np.empty(0, dtype=np.int64)
     return _hash_strings(record_keys(frame))
+
+
+def assert_keys_name_one_record(table: pa.Table, rkeys: np.ndarray) -> None:
+    """Rows sharing a 64-bit store key are versions of one (source, source_record_id):
+    compared only where keys repeat (a collision was never seen; if it happened the store
+    could not keep the two records apart, so it stops instead of mixing them)."""
+    if len(rkeys) < 2:
+        return
+    order = np.argsort(rkeys)
+    repeat = np.flatnonzero(rkeys[order][1:] == rkeys[order][:-1])
+    if not len(repeat):
+        return
+    left, right = pa.array(order[repeat]), pa.array(order[repeat + 1])
+    for name in ("source", "source_record_id"):
+        column = table.column(name)
+        if not pc.all(pc.equal(column.take(left), column.take(right))).as_py():
+            raise ValueError("two different source records share a 64-bit store key; please report this")
 
 
 def assert_distinct_keys(codes: np.ndarray, rkeys: np.ndarray) -> None:
     """Two different records never share a 64-bit store key (never seen; if it happened
     the store could not keep them apart, so it stops instead of mixing them)."""
-    if len(codes) and len(np.unique(rkeys)) != int(codes.max()) + 1:
+    if len(codes) and distinct_count(rkeys) != int(codes.max()) + 1:
         raise ValueError("two different source records share a 64-bit store key; please report this")
+
+
+def distinct_count(values: np.ndarray) -> int:
+    """How many distinct integers: a sort and a compare (``np.unique`` hashes, which at ten
+    million keys is twenty times slower)."""
+    if len(values) == 0:
+        return 0
+    ordered = np.sort(np.asarray(values))
+    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 def identifier_hashes(kinds: pd.Series, values: pd.Series) -> np.ndarray:
@@ -126,36 +159,49 @@ def latest_versions(
     n = len(frame)
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    observed = _micros(frame["observed_at"])
-    received = _micros(frame["received_at"])
     rkeys = np.asarray(codes, dtype=np.int64)
-    order = np.lexsort((~received, ~observed, rkeys))
-    keys = rkeys[order]
-    first = np.ones(n, dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    tied_next = np.zeros(n, dtype=bool)
-    tied_next[:-1] = (
-        (keys[1:] == keys[:-1])
-        & (observed[order][1:] == observed[order][:-1])
-        & (received[order][1:] == received[order][:-1])
-    )
-    winners = order[first]
-    contested = first & tied_next
-    if contested.any():
-        # Versions equal on both times: the smallest row hash wins, whatever the row order.
-        in_tie = np.zeros(n, dtype=bool)
-        starts = np.flatnonzero(contested)
-        for start in starts:
-            stop = start + 1
-            while stop < n and keys[stop] == keys[start] and tied_next[stop - 1]:
-                stop += 1
-            in_tie[start:stop] = True
-        rows = order[in_tie]
-        whole = full_rows(rows) if full_rows is not None else frame.iloc[rows]
-        ties = pd.DataFrame({"key": rkeys[rows], "hash": row_hashes(whole), "row": rows})
-        best = ties.sort_values(["key", "hash"], kind="stable").drop_duplicates("key")
-        replace = dict(zip(best["key"].to_numpy(), best["row"].to_numpy()))
-        winners = np.array([replace.get(k, w) for k, w in zip(rkeys[winners], winners)], dtype=np.int64)
+    # Most records have one version (every event): a sort by key finds them, and only the
+    # records with several versions are sorted by time.
+    by_key = np.argsort(rkeys)
+    keys = rkeys[by_key]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    group_of_sorted = np.cumsum(starts) - 1
+    n_groups = int(group_of_sorted[-1]) + 1
+    group = np.empty(n, dtype=np.int64)
+    group[by_key] = group_of_sorted
+    several = np.bincount(group_of_sorted, minlength=n_groups)[group_of_sorted] > 1
+    winners = np.empty(n_groups, dtype=np.int64)  # one per record, in key order
+    single = by_key[~several]
+    winners[group[single]] = single
+
+    rows = by_key[several]
+    if len(rows):
+        observed = _micros(frame["observed_at"].iloc[rows])
+        received = _micros(frame["received_at"].iloc[rows])
+        order = np.lexsort((~received, ~observed, rkeys[rows]))
+        m = len(rows)
+        keys, observed, received = rkeys[rows][order], observed[order], received[order]
+        first = np.ones(m, dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        tied_next = np.zeros(m, dtype=bool)
+        tied_next[:-1] = (keys[1:] == keys[:-1]) & (observed[1:] == observed[:-1]) & (received[1:] == received[:-1])
+        best = rows[order[first]]
+        winners[group[best]] = best
+        contested = first & tied_next
+        if contested.any():
+            # Versions equal on both times: the smallest row hash wins, whatever the row order.
+            in_tie = np.zeros(m, dtype=bool)
+            for start in np.flatnonzero(contested):
+                stop = start + 1
+                while stop < m and keys[stop] == keys[start] and tied_next[stop - 1]:
+                    stop += 1
+                in_tie[start:stop] = True
+            tied = rows[order[in_tie]]
+            whole = full_rows(tied) if full_rows is not None else frame.iloc[tied]
+            ties = pd.DataFrame({"key": rkeys[tied], "hash": row_hashes(whole), "row": tied})
+            picked = ties.sort_values(["key", "hash"], kind="stable").drop_duplicates("key")["row"].to_numpy()
+            winners[group[picked]] = picked
     return winners
 
 
@@ -169,18 +215,39 @@ def raw_clusters(result: IdentityResult) -> pd.Series:
     conflicts = result.conflicts
     if conflicts.empty:
         return pd.Series(numbers, index=pd.Index(profiles, name="profile_id"))
-    identifier_profile = result.identity_map.set_index(["identifier_type", "identifier_value"])["profile_id"]
-    position = pd.Series(np.arange(len(profiles)), index=profiles)
-    ends = []
-    for side in ("from", "to"):
-        keys = pd.MultiIndex.from_arrays([conflicts[f"{side}_type"], conflicts[f"{side}_value"]])
-        ends.append(position.reindex(identifier_profile.reindex(keys).to_numpy()).to_numpy())
-    a, b = (np.asarray(e, dtype=np.int64) for e in ends)
+    # Each rejected edge's two ends -> their profiles' positions, by hash joins on Arrow
+    # strings (a pandas MultiIndex over millions of identifiers costs seconds to build).
+    owners = identifier_owners(result.identity_map, conflicts)
+    profile_position = pa.array(profiles, pa.string())
+    a, b = (
+        pc.index_in(owner, value_set=profile_position).to_numpy(zero_copy_only=False).astype(np.int64)
+        for owner in owners
+    )
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(profiles), len(profiles)))
     _, labels = connected_components(graph, directed=False)
     smallest = np.full(labels.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(smallest, labels, numbers)
     return pd.Series(smallest[labels], index=pd.Index(profiles, name="profile_id"))
+
+
+def identifier_owners(identity_map: pd.DataFrame, conflicts: pd.DataFrame) -> tuple[pa.Array, pa.Array]:
+    """The profile_id owning each rejected edge's ``from`` and ``to`` identifier (every
+    end of a rejected edge is in the identity map)."""
+    joined = pc.binary_join_element_wise(
+        pa.array(identity_map["identifier_type"], pa.large_string(), from_pandas=True),
+        pa.array(identity_map["identifier_value"], pa.large_string(), from_pandas=True),
+        pa.scalar(_SEP, pa.large_string()),
+    )
+    owner = pa.array(identity_map["profile_id"], pa.string(), from_pandas=True)
+    ends = []
+    for side in ("from", "to"):
+        keys = pc.binary_join_element_wise(
+            pa.array(conflicts[f"{side}_type"], pa.large_string(), from_pandas=True),
+            pa.array(conflicts[f"{side}_value"], pa.large_string(), from_pandas=True),
+            pa.scalar(_SEP, pa.large_string()),
+        )
+        ends.append(owner.take(pc.index_in(keys, value_set=joined)))
+    return ends[0], ends[1]
 
 
 def profile_numbers(profile_ids: np.ndarray) -> np.ndarray:

@@ -17,7 +17,12 @@ moves Arrow tables in and out without a Python object per value. Why SQLite:
 - it is a file next to the lake: nothing more to run.
 
 The full rebuild writes a new database file and switches ``CURRENT`` to it with an atomic
-rename, so readers never see a half-built store.
+rename, so readers never see a half-built store. It reads the staged history twice (the
+key columns pick each record's latest version, then only those rows are read), resolves
+identity over the whole current state, then builds and writes the profiles one shard of
+clusters at a time (``ProfileStore.shard_rows``): clusters holding one order share a
+shard, so every shard's profiles are exactly what one pass over everything gives. A
+writer thread inserts shard k while the main thread builds shard k + 1.
 
 Tables:
   records      every record's latest version (tombstones too), its cluster and profile
@@ -46,6 +51,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,19 +75,25 @@ from personalization_pipeline.core.identity import (
 from personalization_pipeline.core.incremental import (
     NO_CLUSTER,
     assert_distinct_keys,
+    assert_keys_name_one_record,
     identifier_hashes,
     latest_versions,
     normalised_identifiers,
+    identifier_owners,
     order_keys,
     raw_clusters,
     record_codes,
     record_hashes,
 )
 from personalization_pipeline.core.profiles import PROVENANCE_COLUMNS, build_profiles
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from personalization_pipeline.core.rules import ConflictRules
 
 FORMAT = 1
 _TS = pa.timestamp("us", tz="UTC")
+_IDENTITY_COLUMNS = ["source", "source_record_id", "observed_at", *canonical.IDENTIFIER_TYPES]
+"""The columns identity resolution reads."""
 _BIG = {"adbc.sqlite.query.batch_rows": "1000000000"}
 """Read a whole result as one batch: the driver infers each column's type from the rows of
 a batch, so smaller batches could disagree (a column null in the first rows)."""
@@ -171,6 +183,11 @@ class ApplyReport:
 class ProfileStore:
     """The store under ``directory``; ``rules``, ``limits`` and ``config_digest`` are the
     configuration its tables are built with (a different digest forces a rebuild)."""
+
+    shard_rows = 1_000_000
+    """Live records per shard of a full rebuild. Profiles are built and written one shard of
+    clusters at a time, so memory holds the current state once (as Arrow) plus one shard
+    in pandas, and SQLite writes one shard while the next is built."""
 
     def __init__(self, directory: Path, rules: ConflictRules, limits: IdentityLimits, config_digest: str) -> None:
         self.directory = Path(directory)
@@ -367,7 +384,7 @@ class ProfileStore:
         result = resolve_identities(subset, self.limits)
         profiles, provenance = build_profiles(subset, result.record_profiles, self.rules, identity_map=result.identity_map)
         clusters = raw_clusters(result)
-        cluster_of, profile_of = _assignment(subset, subset_keys, result, clusters)
+        cluster_of, profile_of, _ = _assignment(subset, subset_keys, result, clusters)
         tick = report.lap("recompute", tick)
         assignment = (cluster_of, profile_of.to_numpy(zero_copy_only=False).astype(object))
 
@@ -461,80 +478,10 @@ class ProfileStore:
         """Write the identity map, conflicts and profiles of the recomputed clusters. With the
         old rows (an incremental run) only identifier rows and index entries that changed
         are deleted and inserted; the clusters' profiles were deleted by the caller."""
-        identity = result.identity_map
-        columns = ["cluster", "identifier_type", "identifier_value", "ikey", "profile_id", "first_seen"]
-        table = pa.table(
-            {
-                "cluster": pa.array(clusters.reindex(identity["profile_id"].astype(str)).to_numpy(np.int64)),
-                "identifier_type": pa.array(identity["identifier_type"], pa.string(), from_pandas=True),
-                "identifier_value": pa.array(identity["identifier_value"], pa.string(), from_pandas=True),
-                "ikey": pa.array(identifier_hashes(identity["identifier_type"], identity["identifier_value"])),
-                "profile_id": pa.array(identity["profile_id"], pa.string(), from_pandas=True),
-                "first_seen": _micros_array(identity["first_seen"]),
-            }
-        )
-        index_table = pa.table({"ikey": table.column("ikey"), "cluster": table.column("cluster")})
-        if old_identifiers is not None and len(old_identifiers):
-            mapper = {pa.int64(): pd.Int64Dtype()}.get
-            new = table.to_pandas(types_mapper=mapper).astype({c: object for c in columns if c not in ("cluster", "ikey", "first_seen")})
-            old = old_identifiers.astype({"first_seen": "Int64", "identifier_type": object, "identifier_value": object,
-                                          "profile_id": object})
-            both = old.merge(new, on=columns, how="outer", indicator=True)
-            stale = both[both["_merge"] == "left_only"]
-            table = _arrow(both[both["_merge"] == "right_only"][columns])
-            if len(stale):
-                _temp_table(cur, "stale", stale[["cluster", "identifier_type", "identifier_value"]])
-                cur.execute(
-                    "delete from identifiers where (cluster, identifier_type, identifier_value) in "
-                    "(select cluster, identifier_type, identifier_value from temp.stale)"
-                )
-            index_old = old[["ikey", "cluster"]].drop_duplicates()
-            index_new = new[["ikey", "cluster"]].drop_duplicates()
-            pairs = index_old.merge(index_new, on=["ikey", "cluster"], how="outer", indicator=True)
-            gone = pairs[pairs["_merge"] == "left_only"][["ikey", "cluster"]]
-            index_table = _arrow(pairs[pairs["_merge"] == "right_only"][["ikey", "cluster"]])
-            if len(gone):
-                _temp_table(cur, "gone", gone)
-                cur.execute("delete from identifier_index where (ikey, cluster) in (select ikey, cluster from temp.gone)")
-        else:
-            ikey = index_table.column("ikey").to_numpy()
-            cluster = index_table.column("cluster").to_numpy()
-            order = np.lexsort((cluster, ikey))
-            ikey, cluster = ikey[order], cluster[order]
-            first = np.ones(len(ikey), dtype=bool)
-            first[1:] = (ikey[1:] != ikey[:-1]) | (cluster[1:] != cluster[:-1])
-            index_table = pa.table({"ikey": ikey[first], "cluster": cluster[first]})
-        if table.num_rows:
-            cur.adbc_ingest("identifiers", table.select(columns).sort_by([(c, "ascending") for c in columns[:3]]), mode="append")
-        if index_table.num_rows:
-            cur.adbc_ingest("identifier_index", index_table.sort_by([("ikey", "ascending"), ("cluster", "ascending")]), mode="append")
-        conflicts = result.conflicts
-        if len(conflicts):
-            owner = result.identity_map.set_index(["identifier_type", "identifier_value"])["profile_id"]
-            keys = pd.MultiIndex.from_arrays([conflicts["from_type"], conflicts["from_value"]])
-            conflict_cluster = clusters.reindex(owner.reindex(keys).astype(str).to_numpy()).to_numpy(np.int64)
-            cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=conflict_cluster)), mode="append")
+        _write_identity(cur, result, clusters, old_identifiers)
         if len(profiles):
-            table = _profile_rows(profiles, provenance, clusters, result.components, self.rules.attributes)
-            cur.adbc_ingest("profiles", table.sort_by([("cluster", "ascending"), ("profile_id", "ascending")]), mode="append")
-        placed = pd.DataFrame(
-            {
-                "profile_id": profiles["profile_id"].astype(object).to_numpy(),
-                "cluster": clusters.reindex(profiles["profile_id"].astype(str)).to_numpy(np.int64),
-            }
-        )
-        if old_profiles is not None and len(old_profiles):
-            before = old_profiles[["profile_id", "cluster"]].astype({"profile_id": object})
-            pairs = before.merge(placed, on=["profile_id", "cluster"], how="outer", indicator=True)
-            gone = pairs[pairs["_merge"] == "left_only"]
-            placed = pairs[pairs["_merge"] == "right_only"][["profile_id", "cluster"]]
-            if len(gone):
-                _temp_strings(cur, "pgone", gone["profile_id"].tolist())
-                cur.execute("delete from profile_index where profile_id in (select k from temp.pgone)")
-        if len(placed):
-            _temp_strings(cur, "pmoved", placed["profile_id"].tolist())
-            cur.execute("delete from profile_index where profile_id in (select k from temp.pmoved)")
-            cur.adbc_ingest("profile_index", _arrow(placed).sort_by([("profile_id", "ascending")]), mode="append")
+            _write_profile_rows(cur, _profile_rows(profiles, provenance, clusters, _sizes(result), self.rules.attributes))
+        _write_profile_index(cur, _placed(profiles, clusters), old_profiles)
 
     # -- full rebuild --------------------------------------------------------------------
 
@@ -549,7 +496,8 @@ class ProfileStore:
         lake.register_unlisted()
         manifest = lake.batches()
         # Two passes over the staged files, so the whole history is never in memory at once:
-        # the key columns pick each record's latest version, then only those rows are read.
+        # the key columns pick each record's latest version, then only those rows are read,
+        # and they stay Arrow (pandas sees one shard at a time, below).
         mapper = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get
         files = lake.staged_files()
         key_columns = ["source", "source_record_id", "observed_at", "received_at", "is_deleted"]
@@ -557,11 +505,12 @@ class ProfileStore:
         parts = [pq.read_table(f, columns=key_columns, schema=canonical.CANONICAL_SCHEMA).cast(key_schema) for f in files]
         sizes = np.array([t.num_rows for t in parts], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        keys = (pa.concat_tables(parts) if parts else key_schema.empty_table()).to_pandas(types_mapper=mapper)
+        keys = (pa.concat_tables(parts) if parts else key_schema.empty_table()).combine_chunks()
         del parts
 
-        def read_rows(rows: np.ndarray) -> pa.Table:
-            """Whole canonical rows at global positions, in the order given."""
+        def read_rows(rows: np.ndarray, compact: bool = False) -> pa.Table:
+            """Whole canonical rows at global positions, in the order given; ``compact``
+            dictionary-encodes the low-cardinality text columns as each file is read."""
             order = np.argsort(rows, kind="stable")
             ordered = rows[order]
             file_of = np.searchsorted(starts, ordered, side="right") - 1
@@ -569,8 +518,13 @@ class ProfileStore:
             for number in np.unique(file_of):
                 local = ordered[file_of == number] - starts[number]
                 table = pq.read_table(files[number], schema=canonical.CANONICAL_SCHEMA)
-                pieces.append(table.take(pa.array(local)))
-            taken = pa.concat_tables(pieces) if pieces else canonical.CANONICAL_SCHEMA.empty_table()
+                piece = table.take(pa.array(local))
+                pieces.append(_compact(piece) if compact else piece)
+            if compact:
+                schema = _compact(canonical.CANONICAL_SCHEMA.empty_table()).schema
+                taken = pa.concat_tables(pieces).unify_dictionaries() if pieces else schema.empty_table()
+            else:
+                taken = pa.concat_tables(pieces) if pieces else canonical.CANONICAL_SCHEMA.empty_table()
             if len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all()):
                 return taken.combine_chunks()  # asked in file order: nothing to put back
             back = np.empty(len(rows), dtype=np.int64)
@@ -578,35 +532,45 @@ class ProfileStore:
             return taken.take(pa.array(back)).combine_chunks()
 
         tick = time.perf_counter()
-        report = ApplyReport(mode="rebuild", reason=reason, rows_read=len(keys))
+        report = ApplyReport(mode="rebuild", reason=reason, rows_read=keys.num_rows)
         report.stages["read"] = round(tick - started, 3)
         report.batches_applied = int((manifest["verdict"] == "passed").sum())
         report.batches_held = held_batches(manifest)
-        codes = record_codes(keys)
         rkeys = record_hashes(keys)
-        assert_distinct_keys(codes, rkeys)
-        winners = latest_versions(keys, codes, full_rows=lambda rows: read_rows(rows).to_pandas(types_mapper=mapper))
-        deleted = keys["is_deleted"].fillna(False).to_numpy(dtype=bool)[winners]
+        assert_keys_name_one_record(keys, rkeys)
+        times = keys.select(["observed_at", "received_at"]).to_pandas()
+        winners = latest_versions(times, rkeys, full_rows=lambda rows: read_rows(rows).to_pandas(types_mapper=mapper))
+        deleted = keys.column("is_deleted").fill_null(False).to_numpy(zero_copy_only=False)[winners]
         # In file order, so the second pass reads each file once and needs no reordering.
         live_rows, dead_rows = np.sort(winners[~deleted]), np.sort(winners[deleted])
         live_keys, dead_keys = rkeys[live_rows], rkeys[dead_rows]
-        del keys, codes, rkeys
-        out_table = pa.concat_tables([read_rows(live_rows), read_rows(dead_rows)]).combine_chunks()
-        live = out_table.slice(0, len(live_rows)).to_pandas(types_mapper=mapper)
+        del keys, rkeys, times
+        # The live rows stay in memory until their shard is written: low-cardinality text
+        # (sources, kinds, names, cities...) is kept dictionary-encoded, about half the
+        # bytes, and each shard's gather moves small integers instead of strings.
+        live = read_rows(live_rows, compact=True)
+        dead = read_rows(dead_rows)
+        pa.default_memory_pool().release_unused()  # the key pass's buffers
         tick = report.lap("current_state", tick)
-        result = resolve_identities(live, self.limits)
+        result = resolve_identities(_expand(live.select(_IDENTITY_COLUMNS)).to_pandas(types_mapper=mapper), self.limits)
         tick = report.lap("resolve_identities", tick)
-        profiles, provenance = build_profiles(live, result.record_profiles, self.rules, identity_map=result.identity_map)
-        tick = report.lap("build_profiles", tick)
         clusters = raw_clusters(result)
-        cluster_of, profile_of = _assignment(live, live_keys, result, clusters)
-        tick = report.lap("clusters", tick)
+        cluster_of, profile_of, rp_row = _assignment(live, live_keys, result, clusters)
+        okeys = _order_keys_arrow(_expand(live.select(["source", "event_type", "shop", "order_id"])))
+        plan = _ShardPlan(cluster_of, okeys, self.shard_rows)
+        shard_of = plan.shards(cluster_of)
+        order = np.argsort(shard_of, kind="stable")  # by shard, then file order (a cheap gather)
+        bounds = np.searchsorted(shard_of[order], np.arange(-1, plan.count + 1))
+        identity = result.identity_map
+        identity_shard = plan.shards(_lookup(clusters, identity["profile_id"].astype(str), NO_CLUSTER))
+        identity_order = np.argsort(identity_shard, kind="stable")
+        identity_bounds = np.searchsorted(identity_shard[identity_order], np.arange(0, plan.count + 1))
+        sizes_of = _sizes(result)
         report.versions_changed = len(winners)
-        report.records_recomputed = len(live)
+        report.records_recomputed = live.num_rows
         report.clusters_touched = int(clusters.nunique())
-        report.profiles_written = len(profiles)
         report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
-        report.sample_profile_id = _sample_id(profiles)
+        tick = report.lap("clusters", tick)
 
         previous = self.current_path()
         path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
@@ -617,29 +581,84 @@ class ProfileStore:
             # the file is never named in CURRENT and is removed by the next rebuild).
             cur.execute("pragma journal_mode=off")
             cur.execute("pragma synchronous=off")
+            # Appending needs no memory map: mapped pages would count in the step's memory.
+            cur.execute("pragma mmap_size=0")
             cur.execute("begin immediate")
-            del live
-            out_meta = {
-                "cluster": np.concatenate([cluster_of, np.full(len(dead_rows), NO_CLUSTER, dtype=np.int64)]),
-                "rkey": np.concatenate([live_keys, dead_keys]),
-                "profile_id": pa.concat_arrays(
-                    [profile_of, pa.nulls(len(dead_rows), pa.string())]
-                ),
-            }
-            records = _table_to_store(out_table, out_meta)
-            del out_table, out_meta
-            records = records.take(pc.sort_indices(records, [("cluster", "ascending"), ("rkey", "ascending")]))
-            tick = report.lap("convert_records", tick)
-            cur.adbc_ingest("records", records, mode="append")
-            tick = report.lap("write_records", tick)
-            index = pa.table({"rkey": records.column("rkey"), "cluster": records.column("cluster")})
-            del records
-            cur.adbc_ingest("record_index", index.sort_by([("rkey", "ascending")]), mode="append")
-            del index
-            tick = report.lap("write_record_index", tick)
-            _create_output_tables(cur, profiles, provenance, clusters, result, self.rules.attributes)
-            self._write_outputs(cur, result, clusters, profiles, provenance)
-            _adjust_counters(cur, _new_counters(result, profiles), sign=+1)
+            # SQLite's inserts cost about as much as building the profiles, and the driver
+            # releases the GIL while it inserts: one thread writes shard k while this one
+            # builds shard k + 1. Only the writer thread touches the connection until the
+            # shards are done.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-store-writer") as writer:
+                written: list = []
+
+                def write(call, *args) -> None:
+                    def timed() -> None:  # the writer's own time per kind of write, for the report
+                        since = time.perf_counter()
+                        call(*args)
+                        report.lap(f"writer{call.__name__}", since)
+
+                    written.append(writer.submit(timed))
+
+                tombstones = {
+                    "cluster": np.full(len(dead_keys), NO_CLUSTER, dtype=np.int64),
+                    "rkey": dead_keys,
+                    "profile_id": pa.nulls(len(dead_keys), pa.string()),
+                }
+                write(_write_records, cur, dead, tombstones)
+                del dead
+                write(_write_identity, cur, result, clusters)
+                write(
+                    _write_record_index,
+                    cur,
+                    np.concatenate([dead_keys, live_keys]),
+                    np.concatenate([np.full(len(dead_keys), NO_CLUSTER, dtype=np.int64), cluster_of]),
+                )
+                counters, placed, samples = [], [], []
+                for shard in range(-1, plan.count):  # -1: records with no usable identifier
+                    rows = order[bounds[shard + 1] : bounds[shard + 2]]
+                    table = _expand(live.take(pa.array(rows)))
+                    meta = {
+                        "cluster": cluster_of[rows],
+                        "rkey": live_keys[rows],
+                        "profile_id": profile_of.take(pa.array(rows)),
+                        "okey": okeys[rows],
+                    }
+                    # The writer puts the rows in key order: a gather of every column it
+                    # does while this thread builds the profiles.
+                    write(_write_records, cur, table, meta)
+                    if shard < 0 or not len(rows):
+                        continue
+                    frame = table.to_pandas(types_mapper=mapper)
+                    del table
+                    assigned = rp_row[rows]
+                    shard_rp = result.record_profiles.iloc[assigned[assigned >= 0]]
+                    shard_identity = identity.iloc[identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]]
+                    profiles, provenance = build_profiles(frame, shard_rp, self.rules, identity_map=shard_identity)
+                    del frame
+                    if not placed:
+                        write(_create_output_tables, cur, profiles, provenance, clusters, result, self.rules.attributes)
+                    rows_out = _profile_rows(profiles, provenance, clusters, sizes_of, self.rules.attributes)
+                    write(_write_profile_rows, cur, rows_out)
+                    counters.append(_new_counters(result, profiles, sizes_of))
+                    placed.append(_placed(profiles, clusters))
+                    samples.append(_sample_candidates(profiles))
+                    # At most one shard queued ahead of the writer: memory stays a shard deep.
+                    while len([f for f in written if not f.done()]) > 2:
+                        next(f for f in written if not f.done()).result()
+                del live
+                tick = report.lap("build_profiles_and_write", tick)
+                for future in written:
+                    future.result()
+            tick = report.lap("writer_drain", tick)
+            if not placed:
+                no_profiles = build_profiles(canonical.empty_frame(), result.record_profiles.head(0), self.rules)
+                _create_output_tables(cur, *no_profiles, clusters, result, self.rules.attributes)
+            placed_all = pd.concat(placed, ignore_index=True) if placed else pd.DataFrame({"profile_id": [], "cluster": []})
+            _write_profile_index(cur, placed_all)
+            if counters:
+                _adjust_counters(cur, pd.concat(counters, ignore_index=True), sign=+1)
+            report.profiles_written = len(placed_all)
+            report.sample_profile_id = _pick_sample(samples)
             tick = report.lap("write_outputs", tick)
             for statement in _INDEXES:
                 cur.execute(statement)
@@ -789,6 +808,109 @@ def held_batches(manifest: pd.DataFrame) -> list[str]:
 _closers: list[threading.Thread] = []
 
 
+def _write_identity(cur, result: IdentityResult, clusters: pd.Series, old_identifiers: Optional[pd.DataFrame] = None) -> None:
+    """The identity map (identifiers and identifier_index) and conflicts of recomputed
+    clusters; with ``old_identifiers`` only the rows that changed are deleted and inserted."""
+    identity = result.identity_map
+    columns = ["cluster", "identifier_type", "identifier_value", "ikey", "profile_id", "first_seen"]
+    table = pa.table(
+        {
+            "cluster": pa.array(clusters.reindex(identity["profile_id"].astype(str)).to_numpy(np.int64)),
+            "identifier_type": pa.array(identity["identifier_type"], pa.string(), from_pandas=True),
+            "identifier_value": pa.array(identity["identifier_value"], pa.string(), from_pandas=True),
+            "ikey": pa.array(identifier_hashes(identity["identifier_type"], identity["identifier_value"])),
+            "profile_id": pa.array(identity["profile_id"], pa.string(), from_pandas=True),
+            "first_seen": _micros_array(identity["first_seen"]),
+        }
+    )
+    index_table = pa.table({"ikey": table.column("ikey"), "cluster": table.column("cluster")})
+    if old_identifiers is not None and len(old_identifiers):
+        mapper = {pa.int64(): pd.Int64Dtype()}.get
+        new = table.to_pandas(types_mapper=mapper).astype({c: object for c in columns if c not in ("cluster", "ikey", "first_seen")})
+        old = old_identifiers.astype({"first_seen": "Int64", "identifier_type": object, "identifier_value": object,
+                                      "profile_id": object})
+        both = old.merge(new, on=columns, how="outer", indicator=True)
+        stale = both[both["_merge"] == "left_only"]
+        table = _arrow(both[both["_merge"] == "right_only"][columns])
+        if len(stale):
+            _temp_table(cur, "stale", stale[["cluster", "identifier_type", "identifier_value"]])
+            cur.execute(
+                "delete from identifiers where (cluster, identifier_type, identifier_value) in "
+                "(select cluster, identifier_type, identifier_value from temp.stale)"
+            )
+        index_old = old[["ikey", "cluster"]].drop_duplicates()
+        index_new = new[["ikey", "cluster"]].drop_duplicates()
+        pairs = index_old.merge(index_new, on=["ikey", "cluster"], how="outer", indicator=True)
+        gone = pairs[pairs["_merge"] == "left_only"][["ikey", "cluster"]]
+        index_table = _arrow(pairs[pairs["_merge"] == "right_only"][["ikey", "cluster"]])
+        if len(gone):
+            _temp_table(cur, "gone", gone)
+            cur.execute("delete from identifier_index where (ikey, cluster) in (select ikey, cluster from temp.gone)")
+    else:
+        ikey = index_table.column("ikey").to_numpy()
+        cluster = index_table.column("cluster").to_numpy()
+        order = np.lexsort((cluster, ikey))
+        ikey, cluster = ikey[order], cluster[order]
+        first = np.ones(len(ikey), dtype=bool)
+        first[1:] = (ikey[1:] != ikey[:-1]) | (cluster[1:] != cluster[:-1])
+        index_table = pa.table({"ikey": ikey[first], "cluster": cluster[first]})
+    if table.num_rows:
+        cur.adbc_ingest("identifiers", table.select(columns).sort_by([(c, "ascending") for c in columns[:3]]), mode="append")
+    if index_table.num_rows:
+        cur.adbc_ingest("identifier_index", index_table.sort_by([("ikey", "ascending"), ("cluster", "ascending")]), mode="append")
+    conflicts = result.conflicts
+    if len(conflicts):
+        owner, _ = identifier_owners(result.identity_map, conflicts)
+        conflict_cluster = clusters.reindex(owner.to_numpy(zero_copy_only=False).astype(str)).to_numpy(np.int64)
+        cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=conflict_cluster)), mode="append")
+
+
+def _write_records(cur, table: pa.Table, meta: dict) -> None:
+    """Canonical rows plus their cluster, key, profile (and order key) -> ``records``, in
+    the table's key order."""
+    rows = _table_to_store(table, meta)
+    cur.adbc_ingest("records", rows.take(pc.sort_indices(rows, [("cluster", "ascending"), ("rkey", "ascending")])), mode="append")
+
+
+def _write_record_index(cur, rkeys: np.ndarray, clusters: np.ndarray) -> None:
+    order = np.argsort(rkeys)
+    cur.adbc_ingest("record_index", pa.table({"rkey": rkeys[order], "cluster": clusters[order]}), mode="append")
+
+
+def _write_profile_rows(cur, table: pa.Table) -> None:
+    if table.num_rows:
+        cur.adbc_ingest("profiles", table.sort_by([("cluster", "ascending"), ("profile_id", "ascending")]), mode="append")
+
+
+
+def _placed(profiles: pd.DataFrame, clusters: pd.Series) -> pd.DataFrame:
+    """(profile_id, cluster) of each profile: the rows of profile_index."""
+    return pd.DataFrame(
+        {
+            "profile_id": profiles["profile_id"].astype(object).to_numpy(),
+            "cluster": clusters.reindex(profiles["profile_id"].astype(str)).to_numpy(np.int64),
+        }
+    )
+
+
+def _write_profile_index(cur, placed: pd.DataFrame, old_profiles: Optional[pd.DataFrame] = None) -> None:
+    """profile_index for recomputed profiles; with ``old_profiles`` (an incremental run)
+    only entries that appeared, moved or went are touched."""
+    if old_profiles is not None:
+        if len(old_profiles):
+            before = old_profiles[["profile_id", "cluster"]].astype({"profile_id": object})
+            pairs = before.merge(placed, on=["profile_id", "cluster"], how="outer", indicator=True)
+            gone = pairs[pairs["_merge"] == "left_only"]
+            placed = pairs[pairs["_merge"] == "right_only"][["profile_id", "cluster"]]
+            if len(gone):
+                _temp_strings(cur, "pgone", gone["profile_id"].tolist())
+                cur.execute("delete from profile_index where profile_id in (select k from temp.pgone)")
+        if len(placed):
+            _temp_strings(cur, "pmoved", placed["profile_id"].tolist())
+            cur.execute("delete from profile_index where profile_id in (select k from temp.pmoved)")
+    if len(placed):
+        cur.adbc_ingest("profile_index", _arrow(placed).sort_by([("profile_id", "ascending")]), mode="append")
+
 def _close_later(conn, cur) -> None:
     """Close a writer's connection on a background thread. The last connection to close
     copies the write-ahead log into the database file (a checkpoint): tens of megabytes
@@ -843,7 +965,7 @@ def _records_to_store(frame: pd.DataFrame, meta: dict) -> pa.Table:
 
 def _table_to_store(table: pa.Table, meta: dict) -> pa.Table:
     """Canonical Arrow rows plus their cluster, key and profile -> rows of ``records``."""
-    okey = pa.array(_order_keys_arrow(table), pa.int64())
+    okey = pa.array(meta["okey"] if "okey" in meta else _order_keys_arrow(table), pa.int64())
     columns: dict[str, pa.Array] = {
         "cluster": pa.array(meta["cluster"], pa.int64()),
         "rkey": pa.array(meta["rkey"], pa.int64()),
@@ -860,6 +982,28 @@ def _table_to_store(table: pa.Table, meta: dict) -> pa.Table:
             column = column.cast(pa.int64())
         columns[name] = column
     return pa.table(columns)
+
+
+_LOW_CARDINALITY = (
+    "source", "source_class", "record_kind", "event_type", "first_name", "last_name", "city", "country",
+    "loyalty_tier", "lifecycle_stage", "email_consent", "category", "device_type", "shop", "currency",
+)
+
+
+def _compact(table: pa.Table) -> pa.Table:
+    """Dictionary-encode the canonical columns that take few distinct values."""
+    for name in _LOW_CARDINALITY:
+        at = table.schema.get_field_index(name)
+        table = table.set_column(at, name, pc.dictionary_encode(table.column(name)))
+    return table
+
+
+def _expand(table: pa.Table) -> pa.Table:
+    """Undo ``_compact``: plain string columns again."""
+    for at, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(at, field.name, table.column(at).cast(field.type.value_type))
+    return table
 
 
 def _order_keys_arrow(table: pa.Table) -> np.ndarray:
@@ -989,47 +1133,57 @@ def _profile_rows(
     profiles: pd.DataFrame,
     provenance: pd.DataFrame,
     clusters: pd.Series,
-    components: pd.DataFrame,
+    sizes: pd.Series,
     attributes: tuple[str, ...],
 ) -> pa.Table:
-    """The rows of ``profiles``: the resolved profile, its cluster and identifier count, and
-    the provenance of each attribute as four columns."""
+    """The rows of ``profiles``: the resolved profile, its cluster (``clusters``: profile_id
+    -> cluster) and identifier count (``sizes``: profile_id -> size), and the provenance of
+    each attribute as four columns. The lookups go through the two Series' indexes, which
+    pandas hashes once however many shards a rebuild asks about."""
     base = _frame_to_store(profiles)
     ids = base.column("profile_id")
+    names = profiles["profile_id"].astype(str)
     columns = {name: base.column(name) for name in base.column_names}
-    columns["cluster"] = pa.array(_lookup(clusters.index.to_numpy(object), clusters.to_numpy(np.int64), ids, 0))
-    columns["size"] = pa.array(
-        _lookup(components["profile_id"].to_numpy(object), components["size"].to_numpy(np.int64), ids, 0)
-    )
+    columns["cluster"] = pa.array(_lookup(clusters, names))
+    columns["size"] = pa.array(_lookup(sizes, names))
     n = len(ids)
-    attribute_column = pa.array(provenance["attribute"], pa.string(), from_pandas=True)
+    table = pa.table(
+        {
+            "attribute": pa.array(provenance["attribute"], pa.string(), from_pandas=True),
+            "profile_id": pa.array(provenance["profile_id"], pa.string(), from_pandas=True),
+            "source": pa.array(provenance["source"], pa.string(), from_pandas=True),
+            "record": pa.array(provenance["source_record_id"], pa.string(), from_pandas=True),
+            "observed_at": _micros_array(provenance["observed_at"]).fill_null(0),
+            "tier": pa.array(provenance["tier"].to_numpy(np.int64)),
+        }
+    )
     for attribute in attributes:
-        rows = provenance[pc.equal(attribute_column, attribute).to_numpy(zero_copy_only=False)]
-        at = pc.index_in(pa.array(rows["profile_id"], pa.string(), from_pandas=True), value_set=ids)
-        at = at.to_numpy(zero_copy_only=False).astype(np.int64)
-        source = np.full(n, None, dtype=object)
-        record = np.full(n, None, dtype=object)
-        observed = np.zeros(n, dtype=np.int64)
-        tier = np.zeros(n, dtype=np.int64)
-        mask = np.ones(n, dtype=bool)
-        source[at] = rows["source"].astype(object).to_numpy()
-        record[at] = rows["source_record_id"].astype(object).to_numpy()
-        observed[at] = _micros_array(rows["observed_at"]).fill_null(0).to_numpy()
-        tier[at] = rows["tier"].to_numpy(np.int64)
-        mask[at] = False
-        columns[f"{attribute}__source"] = pa.array(source, pa.string())
-        columns[f"{attribute}__record"] = pa.array(record, pa.string())
-        columns[f"{attribute}__observed_at"] = pa.array(observed, mask=mask)
-        columns[f"{attribute}__tier"] = pa.array(tier, mask=mask)
+        rows = table.filter(pc.equal(table.column("attribute"), attribute))
+        at = pc.index_in(rows.column("profile_id"), value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
+        # Each profile's provenance row (or none): one gather per column, no Python objects.
+        of_profile = np.full(n, -1, dtype=np.int64)
+        of_profile[at] = np.arange(len(at))
+        pick = pa.array(of_profile, mask=of_profile < 0)
+        for name, column in (("source", "source"), ("record", "record"), ("observed_at", "observed_at"), ("tier", "tier")):
+            columns[f"{attribute}__{name}"] = rows.column(column).take(pick).combine_chunks()
     return pa.table(columns)
 
 
-def _lookup(keys: np.ndarray, values: np.ndarray, wanted: pa.Array, default: int) -> np.ndarray:
-    """values[keys.index(w)] for each w in ``wanted`` (``default`` when absent), by hash join."""
-    position = pc.index_in(wanted, value_set=pa.array(keys, pa.string(), from_pandas=True))
-    out = np.full(len(wanted), default, dtype=np.int64)
-    valid = position.is_valid().to_numpy(zero_copy_only=False)
-    out[valid] = values[position.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)]
+def _sizes(result: IdentityResult) -> pd.Series:
+    """profile_id -> identifier count of its identity component."""
+    components = result.components
+    return pd.Series(components["size"].to_numpy(np.int64), index=components["profile_id"].astype(str).to_numpy())
+
+
+def _lookup(series: pd.Series, keys: pd.Series, default: int = 0) -> np.ndarray:
+    """``series[k]`` (int64) for each key, ``default`` where absent: through the index's
+    hash table, built once per Series (a reindex would turn int64 into float64 when a key
+    is absent, and cluster ids need all 64 bits)."""
+    position = series.index.get_indexer(keys)
+    values = series.to_numpy(np.int64)
+    out = np.full(len(position), default, dtype=np.int64)
+    found = position >= 0
+    out[found] = values[position[found]]
     return out
 
 
@@ -1037,7 +1191,7 @@ def _create_output_tables(
     cur, profiles: pd.DataFrame, provenance: pd.DataFrame, clusters: pd.Series, result: IdentityResult, attributes
 ) -> None:
     frame_kinds = _frame_kinds(profiles)
-    sample = _profile_rows(profiles.head(0), provenance.head(0), clusters, result.components.head(0), attributes)
+    sample = _profile_rows(profiles.head(0), provenance.head(0), clusters, _sizes(result).head(0), attributes)
     columns = ", ".join(
         f"{name} {'text' if pa.types.is_string(sample.schema.field(name).type) else 'integer'}"
         for name in sample.column_names
@@ -1046,13 +1200,13 @@ def _create_output_tables(
     _set_meta(cur, {"kinds:profiles": json.dumps(frame_kinds)})
 
 
-def _new_counters(result: IdentityResult, profiles: pd.DataFrame) -> pd.DataFrame:
-    sizes = result.components.set_index(result.components["profile_id"].astype(str))["size"]
+def _new_counters(result: IdentityResult, profiles: pd.DataFrame, sizes: Optional[pd.Series] = None) -> pd.DataFrame:
+    sizes = _sizes(result) if sizes is None else sizes
     ids = profiles["profile_id"].astype(str)
     return pd.DataFrame(
         {
             "profile_id": ids.to_numpy(),
-            "size": sizes.reindex(ids).fillna(0).to_numpy(np.int64),
+            "size": _lookup(sizes, ids),
             "no_email": profiles["primary_email"].isna().to_numpy(),
         }
     )
@@ -1187,10 +1341,25 @@ def _record_stats(cur, report: ApplyReport, run_id: Optional[str]) -> dict[str, 
 
 
 def _sample_id(profiles: pd.DataFrame) -> Optional[str]:
+    """The profile shown as a sample: the first (by profile_id) with an email, else the first."""
+    return _pick_sample([_sample_candidates(profiles)])
+
+
+def _sample_candidates(profiles: pd.DataFrame) -> tuple[Optional[str], Optional[str]]:
+    """(first profile_id with an email, first profile_id) of one shard's profiles."""
     if profiles.empty:
-        return None
-    with_email = profiles[profiles["primary_email"].notna()]
-    return str((with_email if len(with_email) else profiles)["profile_id"].iloc[0])
+        return None, None
+    ids = profiles["profile_id"].astype(str)
+    with_email = ids[profiles["primary_email"].notna().to_numpy()]
+    return (with_email.min() if len(with_email) else None), ids.min()
+
+
+def _pick_sample(candidates: list[tuple[Optional[str], Optional[str]]]) -> Optional[str]:
+    with_email = [c for c, _ in candidates if c is not None]
+    if with_email:
+        return min(with_email)
+    first = [c for _, c in candidates if c is not None]
+    return min(first) if first else None
 
 
 def _identifier_clusters(cur, frame: pd.DataFrame) -> set[int]:
@@ -1223,15 +1392,61 @@ def _check_same_records(stored: pd.DataFrame, stored_keys: np.ndarray, incoming:
 def _assignment(
     frame: pd.DataFrame, keys: np.ndarray, result: IdentityResult, clusters: pd.Series
 ) -> tuple[np.ndarray, pa.Array]:
-    """(cluster, profile_id) of each record of ``frame`` (NO_CLUSTER / null when it carries
-    no usable identifier)."""
+    """(cluster, profile_id, row of ``result.record_profiles``) of each record of ``frame``
+    (NO_CLUSTER / null / -1 when it carries no usable identifier)."""
     rp = result.record_profiles
     position = pc.index_in(record_keys(frame), value_set=record_keys(rp))
     profile = pa.array(rp["profile_id"], pa.string(), from_pandas=True).take(position)
+    rp_row = position.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     cluster = np.full(len(frame), NO_CLUSTER, dtype=np.int64)
     if len(clusters):
         profile_position = pc.index_in(profile, value_set=pa.array(clusters.index.to_numpy(object), pa.string()))
         has = profile_position.is_valid().to_numpy(zero_copy_only=False)
         numbers = clusters.to_numpy(np.int64)
         cluster[has] = numbers[profile_position.drop_null().to_numpy(zero_copy_only=False)]
-    return cluster, profile
+    return cluster, profile, rp_row
+
+
+class _ShardPlan:
+    """How a full rebuild splits the clusters into shards of about ``rows`` records.
+
+    A cluster's profiles depend on its own records alone, except that an order counts once
+    across the table: clusters holding deliveries of one order go into one shard (that of
+    the smallest of them), as an incremental run recomputes them together. Otherwise a
+    shard is a range of cluster ids, so its rows go into the cluster-ordered tables in
+    order."""
+
+    def __init__(self, cluster_of: np.ndarray, okeys: np.ndarray, rows: int) -> None:
+        has = cluster_of != NO_CLUSTER
+        ordered = np.sort(cluster_of[has])
+        first = np.ones(len(ordered), dtype=bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        self.clusters = ordered[first]
+        n = len(self.clusters)
+        counts = np.diff(np.append(np.flatnonzero(first), len(ordered)))
+        representative = np.arange(n)
+        linked = has & (okeys != NO_CLUSTER)
+        if linked.any():
+            node = np.searchsorted(self.clusters, cluster_of[linked])
+            _, order_node = np.unique(okeys[linked], return_inverse=True)
+            size = n + int(order_node.max()) + 1
+            graph = coo_matrix((np.ones(len(node), dtype=np.int8), (node, n + order_node)), shape=(size, size))
+            _, labels = connected_components(graph, directed=False)
+            smallest = np.full(int(labels.max()) + 1, n, dtype=np.int64)
+            np.minimum.at(smallest, labels[:n], np.arange(n))
+            representative = smallest[labels[:n]]
+        per_representative = np.bincount(representative, weights=counts, minlength=n).astype(np.int64)
+        before = np.cumsum(per_representative) - per_representative
+        self.shard_of_cluster = (before // max(int(rows), 1))[representative]
+        self.count = int(self.shard_of_cluster.max()) + 1 if n else 0
+
+    def shards(self, clusters: np.ndarray) -> np.ndarray:
+        """The shard of each cluster id; -1 for NO_CLUSTER (a record with no identifier)."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        out = np.zeros(len(clusters), dtype=np.int64)
+        if len(self.clusters):
+            at = np.minimum(np.searchsorted(self.clusters, clusters), len(self.clusters) - 1)
+            found = self.clusters[at] == clusters
+            out[found] = self.shard_of_cluster[at[found]]
+        out[clusters == NO_CLUSTER] = -1
+        return out
