@@ -112,7 +112,7 @@ def build_profiles(
     # ``record_profiles`` and which values are blank in every column the rules read are
     # worked out on other threads while the profile ids are coded.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        aligned = pool.submit(_aligned_rows, current, record_profiles)
+        aligned = pool.submit(aligned_rows_of, current, record_profiles)
         blank_checks = {
             column: pool.submit(_non_blank, _arrow_strings(current[column]))
             for column in rule_columns
@@ -222,10 +222,10 @@ def _assign(
     if coded is None:
         coded = _profile_codes_from_strings(record_ids, map_ids)
     record_codes, map_codes, profile_ids = coded
-    # ``aligned_rows``: the same as ``_aligned_rows(current, record_profiles)``, computed
+    # ``aligned_rows``: the same as ``aligned_rows_of(current, record_profiles)``, computed
     # by the caller on another thread while the codes above were worked out.
     position = (
-        aligned_rows() if aligned_rows is not None else _aligned_rows(current, record_profiles)
+        aligned_rows() if aligned_rows is not None else aligned_rows_of(current, record_profiles)
     )
     if position is None:
         position = (
@@ -245,15 +245,15 @@ def _profile_codes_from_numbers(
 
     The numbers sort like the id strings. Returns None if any id has another shape.
     """
-    record_numbers = _profile_numbers(record_ids)
-    map_numbers = None if map_ids is None else _profile_numbers(map_ids)
+    record_numbers = profile_numbers_arrow(record_ids)
+    map_numbers = None if map_ids is None else profile_numbers_arrow(map_ids)
     if record_numbers is None or (map_ids is not None and map_numbers is None):
         return None
     parts = [record_numbers] if map_numbers is None else [record_numbers, map_numbers]
     universe = np.sort(np.concatenate(parts))
     if len(universe) > 1:
         universe = universe[np.concatenate([[True], universe[1:] != universe[:-1]])]
-    codes = [_positions_in(universe, part) for part in parts]
+    codes = [positions_in(universe, part) for part in parts]
     text = np.empty((len(universe), 18), dtype=np.uint8)
     text[:, 0], text[:, 1] = ord("p"), ord("_")
     digits = universe.astype(">u8").view(np.uint8).reshape(-1, 8)
@@ -268,7 +268,7 @@ def _profile_codes_from_numbers(
     return codes[0], (codes[1] if map_numbers is not None else None), profile_ids
 
 
-def _positions_in(universe: np.ndarray, needles: np.ndarray) -> np.ndarray:
+def positions_in(universe: np.ndarray, needles: np.ndarray) -> np.ndarray:
     """``np.searchsorted(universe, needles)`` for a sorted, distinct ``universe`` that
     holds every needle.
 
@@ -299,7 +299,7 @@ def _positions_in(universe: np.ndarray, needles: np.ndarray) -> np.ndarray:
     return position
 
 
-def _profile_numbers(ids: pa.Array) -> np.ndarray | None:
+def profile_numbers_arrow(ids: pa.Array) -> np.ndarray | None:
     """``p_`` + 16 lower-case hex digits -> uint64, or None if any id is not like that."""
     if ids.null_count:
         return None
@@ -504,7 +504,7 @@ def _provenance(
     )
 
 
-def _aligned_rows(current: pd.DataFrame, record_profiles: pd.DataFrame) -> np.ndarray | None:
+def aligned_rows_of(current: pd.DataFrame, record_profiles: pd.DataFrame) -> np.ndarray | None:
     """Rows of ``current`` that ``record_profiles`` lists, found by position if possible.
 
     ``record_profiles`` lists the records that carry an identifier, in ``record_order``.

@@ -85,7 +85,13 @@ from personalization_pipeline.core.incremental import (
     record_codes,
     record_hashes,
 )
-from personalization_pipeline.core.profiles import PROVENANCE_COLUMNS, build_profiles
+from personalization_pipeline.core.profiles import (
+    PROVENANCE_COLUMNS,
+    aligned_rows_of,
+    build_profiles,
+    positions_in,
+    profile_numbers_arrow,
+)
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from personalization_pipeline.core.rules import ConflictRules
@@ -444,7 +450,7 @@ class ProfileStore:
         cur.execute("delete from conflicts where cluster in (select k from temp.t)")
         _adjust_counters(cur, old_profiles, sign=-1)
         self._write_outputs(cur, result, clusters, profiles, provenance, old_identifiers, old_profiles)
-        _adjust_counters(cur, _new_counters(result, profiles), sign=+1)
+        _adjust_counters(cur, _new_counters(profiles, _ProfileLookup(clusters, _sizes(result))), sign=+1)
         report.profiles_written = len(profiles)
         report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
         report.sample_profile_id = _sample_id(profiles)
@@ -478,10 +484,11 @@ class ProfileStore:
         """Write the identity map, conflicts and profiles of the recomputed clusters. With the
         old rows (an incremental run) only identifier rows and index entries that changed
         are deleted and inserted; the clusters' profiles were deleted by the caller."""
+        lookup = _ProfileLookup(clusters, _sizes(result))
         _write_identity(cur, result, clusters, old_identifiers)
         if len(profiles):
-            _write_profile_rows(cur, _profile_rows(profiles, provenance, clusters, _sizes(result), self.rules.attributes))
-        _write_profile_index(cur, _placed(profiles, clusters), old_profiles)
+            _write_profile_rows(cur, _profile_rows(profiles, provenance, lookup, self.rules.attributes))
+        _write_profile_index(cur, _placed(profiles, lookup), old_profiles)
 
     # -- full rebuild --------------------------------------------------------------------
 
@@ -552,20 +559,23 @@ class ProfileStore:
         dead = read_rows(dead_rows)
         pa.default_memory_pool().release_unused()  # the key pass's buffers
         tick = report.lap("current_state", tick)
-        result = resolve_identities(_expand(live.select(_IDENTITY_COLUMNS)).to_pandas(types_mapper=mapper), self.limits)
+        identity_input = _expand(live.select(_IDENTITY_COLUMNS)).to_pandas(types_mapper=mapper)
+        result = resolve_identities(identity_input, self.limits)
         tick = report.lap("resolve_identities", tick)
         clusters = raw_clusters(result)
-        cluster_of, profile_of, rp_row = _assignment(live, live_keys, result, clusters)
+        lookup = _ProfileLookup(clusters, _sizes(result))
+        cluster_of, profile_of, rp_row = _assignment(live, live_keys, result, clusters, identity_input, lookup)
+        del identity_input
         okeys = _order_keys_arrow(_expand(live.select(["source", "event_type", "shop", "order_id"])))
         plan = _ShardPlan(cluster_of, okeys, self.shard_rows)
         shard_of = plan.shards(cluster_of)
-        order = np.argsort(shard_of, kind="stable")  # by shard, then file order (a cheap gather)
-        bounds = np.searchsorted(shard_of[order], np.arange(-1, plan.count + 1))
+        key_order = np.lexsort((live_keys, cluster_of))  # the records table's key order
+        shard_in_key_order = shard_of[key_order]
         identity = result.identity_map
-        identity_shard = plan.shards(_lookup(clusters, identity["profile_id"].astype(str), NO_CLUSTER))
+        identity_cluster = lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
+        identity_shard = plan.shards(identity_cluster)
         identity_order = np.argsort(identity_shard, kind="stable")
         identity_bounds = np.searchsorted(identity_shard[identity_order], np.arange(0, plan.count + 1))
-        sizes_of = _sizes(result)
         report.versions_changed = len(winners)
         report.records_recomputed = live.num_rows
         report.clusters_touched = int(clusters.nunique())
@@ -606,7 +616,7 @@ class ProfileStore:
                 }
                 write(_write_records, cur, dead, tombstones)
                 del dead
-                write(_write_identity, cur, result, clusters)
+                write(_write_identity, cur, result, clusters, None, identity_cluster)
                 write(
                     _write_record_index,
                     cur,
@@ -615,7 +625,7 @@ class ProfileStore:
                 )
                 counters, placed, samples = [], [], []
                 for shard in range(-1, plan.count):  # -1: records with no usable identifier
-                    rows = order[bounds[shard + 1] : bounds[shard + 2]]
+                    rows = key_order[shard_in_key_order == shard]  # a shard's rows, in key order
                     table = _expand(live.take(pa.array(rows)))
                     meta = {
                         "cluster": cluster_of[rows],
@@ -623,24 +633,24 @@ class ProfileStore:
                         "profile_id": profile_of.take(pa.array(rows)),
                         "okey": okeys[rows],
                     }
-                    # The writer puts the rows in key order: a gather of every column it
-                    # does while this thread builds the profiles.
-                    write(_write_records, cur, table, meta)
+                    write(_write_records, cur, table, meta, True)
                     if shard < 0 or not len(rows):
                         continue
                     frame = table.to_pandas(types_mapper=mapper)
                     del table
                     assigned = rp_row[rows]
-                    shard_rp = result.record_profiles.iloc[assigned[assigned >= 0]]
+                    # In record_profiles' own order, so build_profiles matches records to
+                    # it by position rather than by a join on the keys.
+                    shard_rp = result.record_profiles.iloc[np.sort(assigned[assigned >= 0])]
                     shard_identity = identity.iloc[identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]]
                     profiles, provenance = build_profiles(frame, shard_rp, self.rules, identity_map=shard_identity)
                     del frame
                     if not placed:
-                        write(_create_output_tables, cur, profiles, provenance, clusters, result, self.rules.attributes)
-                    rows_out = _profile_rows(profiles, provenance, clusters, sizes_of, self.rules.attributes)
+                        write(_create_output_tables, cur, profiles, provenance, lookup, self.rules.attributes)
+                    rows_out = _profile_rows(profiles, provenance, lookup, self.rules.attributes)
                     write(_write_profile_rows, cur, rows_out)
-                    counters.append(_new_counters(result, profiles, sizes_of))
-                    placed.append(_placed(profiles, clusters))
+                    counters.append(_new_counters(profiles, lookup))
+                    placed.append(_placed(profiles, lookup))
                     samples.append(_sample_candidates(profiles))
                     # At most one shard queued ahead of the writer: memory stays a shard deep.
                     while len([f for f in written if not f.done()]) > 2:
@@ -652,7 +662,7 @@ class ProfileStore:
             tick = report.lap("writer_drain", tick)
             if not placed:
                 no_profiles = build_profiles(canonical.empty_frame(), result.record_profiles.head(0), self.rules)
-                _create_output_tables(cur, *no_profiles, clusters, result, self.rules.attributes)
+                _create_output_tables(cur, *no_profiles, lookup, self.rules.attributes)
             placed_all = pd.concat(placed, ignore_index=True) if placed else pd.DataFrame({"profile_id": [], "cluster": []})
             _write_profile_index(cur, placed_all)
             if counters:
@@ -808,14 +818,23 @@ def held_batches(manifest: pd.DataFrame) -> list[str]:
 _closers: list[threading.Thread] = []
 
 
-def _write_identity(cur, result: IdentityResult, clusters: pd.Series, old_identifiers: Optional[pd.DataFrame] = None) -> None:
+def _write_identity(
+    cur,
+    result: IdentityResult,
+    clusters: pd.Series,
+    old_identifiers: Optional[pd.DataFrame] = None,
+    identity_cluster: Optional[np.ndarray] = None,
+) -> None:
     """The identity map (identifiers and identifier_index) and conflicts of recomputed
-    clusters; with ``old_identifiers`` only the rows that changed are deleted and inserted."""
+    clusters; with ``old_identifiers`` only the rows that changed are deleted and inserted.
+    ``identity_cluster``: the cluster of each identity map row, if the caller has it."""
     identity = result.identity_map
+    if identity_cluster is None:
+        identity_cluster = _clusters_of(clusters, pa.array(identity["profile_id"], pa.string(), from_pandas=True))
     columns = ["cluster", "identifier_type", "identifier_value", "ikey", "profile_id", "first_seen"]
     table = pa.table(
         {
-            "cluster": pa.array(clusters.reindex(identity["profile_id"].astype(str)).to_numpy(np.int64)),
+            "cluster": pa.array(identity_cluster, pa.int64()),
             "identifier_type": pa.array(identity["identifier_type"], pa.string(), from_pandas=True),
             "identifier_value": pa.array(identity["identifier_value"], pa.string(), from_pandas=True),
             "ikey": pa.array(identifier_hashes(identity["identifier_type"], identity["identifier_value"])),
@@ -865,11 +884,13 @@ def _write_identity(cur, result: IdentityResult, clusters: pd.Series, old_identi
         cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=conflict_cluster)), mode="append")
 
 
-def _write_records(cur, table: pa.Table, meta: dict) -> None:
-    """Canonical rows plus their cluster, key, profile (and order key) -> ``records``, in
-    the table's key order."""
+def _write_records(cur, table: pa.Table, meta: dict, in_key_order: bool = False) -> None:
+    """Canonical rows plus their cluster, key, profile (and order key) -> ``records``,
+    inserted in the table's key order (SQLite then appends to its B-tree)."""
     rows = _table_to_store(table, meta)
-    cur.adbc_ingest("records", rows.take(pc.sort_indices(rows, [("cluster", "ascending"), ("rkey", "ascending")])), mode="append")
+    if not in_key_order:
+        rows = rows.take(pc.sort_indices(rows, [("cluster", "ascending"), ("rkey", "ascending")]))
+    cur.adbc_ingest("records", rows, mode="append")
 
 
 def _write_record_index(cur, rkeys: np.ndarray, clusters: np.ndarray) -> None:
@@ -883,12 +904,12 @@ def _write_profile_rows(cur, table: pa.Table) -> None:
 
 
 
-def _placed(profiles: pd.DataFrame, clusters: pd.Series) -> pd.DataFrame:
+def _placed(profiles: pd.DataFrame, lookup: "_ProfileLookup") -> pd.DataFrame:
     """(profile_id, cluster) of each profile: the rows of profile_index."""
     return pd.DataFrame(
         {
             "profile_id": profiles["profile_id"].astype(object).to_numpy(),
-            "cluster": clusters.reindex(profiles["profile_id"].astype(str)).to_numpy(np.int64),
+            "cluster": lookup.cluster(pa.array(profiles["profile_id"], pa.string(), from_pandas=True)),
         }
     )
 
@@ -1130,22 +1151,15 @@ _PROVENANCE_SUFFIXES = ("__source", "__record", "__observed_at", "__tier")
 
 
 def _profile_rows(
-    profiles: pd.DataFrame,
-    provenance: pd.DataFrame,
-    clusters: pd.Series,
-    sizes: pd.Series,
-    attributes: tuple[str, ...],
+    profiles: pd.DataFrame, provenance: pd.DataFrame, lookup: "_ProfileLookup", attributes: tuple[str, ...]
 ) -> pa.Table:
-    """The rows of ``profiles``: the resolved profile, its cluster (``clusters``: profile_id
-    -> cluster) and identifier count (``sizes``: profile_id -> size), and the provenance of
-    each attribute as four columns. The lookups go through the two Series' indexes, which
-    pandas hashes once however many shards a rebuild asks about."""
+    """The rows of ``profiles``: the resolved profile, its cluster and identifier count, and
+    the provenance of each attribute as four columns."""
     base = _frame_to_store(profiles)
     ids = base.column("profile_id")
-    names = profiles["profile_id"].astype(str)
     columns = {name: base.column(name) for name in base.column_names}
-    columns["cluster"] = pa.array(_lookup(clusters, names))
-    columns["size"] = pa.array(_lookup(sizes, names))
+    columns["cluster"] = pa.array(lookup.cluster(ids), pa.int64())
+    columns["size"] = pa.array(lookup.size(ids), pa.int64())
     n = len(ids)
     table = pa.table(
         {
@@ -1187,11 +1201,9 @@ def _lookup(series: pd.Series, keys: pd.Series, default: int = 0) -> np.ndarray:
     return out
 
 
-def _create_output_tables(
-    cur, profiles: pd.DataFrame, provenance: pd.DataFrame, clusters: pd.Series, result: IdentityResult, attributes
-) -> None:
+def _create_output_tables(cur, profiles: pd.DataFrame, provenance: pd.DataFrame, lookup: "_ProfileLookup", attributes) -> None:
     frame_kinds = _frame_kinds(profiles)
-    sample = _profile_rows(profiles.head(0), provenance.head(0), clusters, _sizes(result).head(0), attributes)
+    sample = _profile_rows(profiles.head(0), provenance.head(0), lookup, attributes)
     columns = ", ".join(
         f"{name} {'text' if pa.types.is_string(sample.schema.field(name).type) else 'integer'}"
         for name in sample.column_names
@@ -1200,13 +1212,12 @@ def _create_output_tables(
     _set_meta(cur, {"kinds:profiles": json.dumps(frame_kinds)})
 
 
-def _new_counters(result: IdentityResult, profiles: pd.DataFrame, sizes: Optional[pd.Series] = None) -> pd.DataFrame:
-    sizes = _sizes(result) if sizes is None else sizes
+def _new_counters(profiles: pd.DataFrame, lookup: "_ProfileLookup") -> pd.DataFrame:
     ids = profiles["profile_id"].astype(str)
     return pd.DataFrame(
         {
             "profile_id": ids.to_numpy(),
-            "size": _lookup(sizes, ids),
+            "size": lookup.size(pa.array(ids, pa.string(), from_pandas=True)),
             "no_email": profiles["primary_email"].isna().to_numpy(),
         }
     )
@@ -1390,21 +1401,79 @@ def _check_same_records(stored: pd.DataFrame, stored_keys: np.ndarray, incoming:
 
 
 def _assignment(
-    frame: pd.DataFrame, keys: np.ndarray, result: IdentityResult, clusters: pd.Series
-) -> tuple[np.ndarray, pa.Array]:
+    frame,
+    keys: np.ndarray,
+    result: IdentityResult,
+    clusters: pd.Series,
+    identity_input: Optional[pd.DataFrame] = None,
+    lookup: Optional["_ProfileLookup"] = None,
+) -> tuple[np.ndarray, pa.Array, np.ndarray]:
     """(cluster, profile_id, row of ``result.record_profiles``) of each record of ``frame``
-    (NO_CLUSTER / null / -1 when it carries no usable identifier)."""
+    (NO_CLUSTER / null / -1 when it carries no usable identifier).
+
+    ``identity_input`` (the frame identity resolution read, row for row ``frame``) lets the
+    records be matched by position, as ``build_profiles`` does, instead of hashing every
+    record key twice; when the positions do not line up the keys are joined."""
     rp = result.record_profiles
-    position = pc.index_in(record_keys(frame), value_set=record_keys(rp))
-    profile = pa.array(rp["profile_id"], pa.string(), from_pandas=True).take(position)
-    rp_row = position.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = aligned_rows_of(identity_input, rp) if identity_input is not None else None
+    if rows is None:
+        position = pc.index_in(record_keys(frame), value_set=record_keys(rp))
+        rp_row = position.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        rp_row = np.full(len(frame), -1, dtype=np.int64)
+        rp_row[rows] = np.arange(len(rows))
+    profile_ids = pa.array(rp["profile_id"], pa.string(), from_pandas=True)
+    profile = profile_ids.take(pa.array(rp_row, mask=rp_row < 0))
     cluster = np.full(len(frame), NO_CLUSTER, dtype=np.int64)
-    if len(clusters):
-        profile_position = pc.index_in(profile, value_set=pa.array(clusters.index.to_numpy(object), pa.string()))
-        has = profile_position.is_valid().to_numpy(zero_copy_only=False)
-        numbers = clusters.to_numpy(np.int64)
-        cluster[has] = numbers[profile_position.drop_null().to_numpy(zero_copy_only=False)]
+    has = rp_row >= 0
+    cluster[has] = (lookup or _ProfileLookup(clusters)).cluster(profile_ids)[rp_row[has]]
     return cluster, profile, rp_row
+
+
+class _ProfileLookup:
+    """profile_id -> (cluster, identifier count), for millions of ids at a time. Profile ids
+    are ``p_`` + 16 hex digits, so a lookup is a search among sorted integers
+    (``positions_in``), not a hash join of strings; ids of another shape fall back to
+    pandas' index."""
+
+    def __init__(self, clusters: pd.Series, sizes: Optional[pd.Series] = None) -> None:
+        self.clusters = clusters
+        self.sizes = sizes if sizes is not None else pd.Series(np.zeros(len(clusters), dtype=np.int64), index=clusters.index)
+        ids = pa.array(clusters.index.to_numpy(object), pa.large_string())
+        numbers = profile_numbers_arrow(ids)
+        self.order = None if numbers is None else np.argsort(numbers)
+        self.universe = None if numbers is None else numbers[self.order]
+        self.cluster_values = clusters.to_numpy(np.int64)
+        same = self.sizes.index.equals(clusters.index)  # both from result.components, in its order
+        self.size_values = self.sizes.to_numpy(np.int64) if same else _lookup(self.sizes, clusters.index.to_series())
+
+    def positions(self, profile_ids: pa.Array) -> Optional[np.ndarray]:
+        """Positions in ``clusters`` of ids that are all there; None for another id shape."""
+        if isinstance(profile_ids, pa.ChunkedArray):
+            profile_ids = profile_ids.combine_chunks()
+        wanted = None if self.universe is None else profile_numbers_arrow(profile_ids.cast(pa.large_string()))
+        if wanted is None:
+            return None
+        if len(wanted) and not len(self.universe):
+            raise StoreError("a profile has no identity cluster; please report this")
+        return self.order[positions_in(self.universe, wanted)]
+
+    def cluster(self, profile_ids: pa.Array) -> np.ndarray:
+        at = self.positions(profile_ids)
+        if at is None:
+            return _lookup(self.clusters, pd.Series(profile_ids.to_numpy(zero_copy_only=False)), NO_CLUSTER)
+        return self.cluster_values[at]
+
+    def size(self, profile_ids: pa.Array) -> np.ndarray:
+        at = self.positions(profile_ids)
+        if at is None:
+            return _lookup(self.sizes, pd.Series(profile_ids.to_numpy(zero_copy_only=False)))
+        return self.size_values[at]
+
+
+def _clusters_of(clusters: pd.Series, profile_ids: pa.Array) -> np.ndarray:
+    """The cluster of each profile id (every one is in ``clusters``)."""
+    return _ProfileLookup(clusters).cluster(profile_ids)
 
 
 class _ShardPlan:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from personalization_pipeline.core import canonical
 from personalization_pipeline.core.canonical import SOURCES
 from personalization_pipeline.core.identity import IdentityLimits, current_state, resolve_identities
-from personalization_pipeline.core.profiles import AGGREGATE_COLUMNS, _aligned_rows, build_profiles
+from personalization_pipeline.core.profiles import AGGREGATE_COLUMNS, aligned_rows_of, build_profiles
 from personalization_pipeline.core.rules import load_conflict_rules
 from personalization_pipeline_tests.core.test_identity import pid, quick_frame, rec, ts
 
@@ -415,7 +415,7 @@ def test_profiles_are_invariant_under_row_permutation(current, random, with_map)
     # record_profiles lines up with the current state by position, in any row order.
     for state in (current_state(shuffled), current_state(shuffled, sort=True)):
         state_result = resolve_identities(state, IdentityLimits())
-        assert _aligned_rows(state, state_result.record_profiles) is not None
+        assert aligned_rows_of(state, state_result.record_profiles) is not None
         identity_map = state_result.identity_map if with_map else None
         aligned = build_profiles(state, state_result.record_profiles, RULES, identity_map)
         for got_frame, expected_frame in zip(aligned, expected):
@@ -429,7 +429,7 @@ def test_records_with_only_blocked_identifiers_fall_back_to_the_join():
         rec("web", "w3", 3, anonymous_id="a1", device_type="tablet"),
     ]))
     result = resolve_identities(current, IdentityLimits())
-    assert _aligned_rows(current, result.record_profiles) is None
+    assert aligned_rows_of(current, result.record_profiles) is None
     profiles, _ = build_profiles(current, result.record_profiles, RULES, result.identity_map)
     assert profiles[["city", "device_type"]].values.tolist() == [["Oslo", "tablet"]]
 
