@@ -233,12 +233,20 @@ def raw_clusters(result: IdentityResult) -> pd.Series:
 def identifier_owners(identity_map: pd.DataFrame, conflicts: pd.DataFrame) -> tuple[pa.Array, pa.Array]:
     """The profile_id owning each rejected edge's ``from`` and ``to`` identifier (every
     end of a rejected edge is in the identity map)."""
+    # Only identity map rows whose value ends some rejected edge can match: a probe of the
+    # few thousand values first, then the exact (type, value) join on those rows alone.
+    values = pa.array(identity_map["identifier_value"], pa.large_string(), from_pandas=True)
+    ends_values = pa.concat_arrays(
+        [pa.array(conflicts[f"{side}_value"], pa.large_string(), from_pandas=True) for side in ("from", "to")]
+    )
+    near = pc.is_in(values, value_set=pc.unique(ends_values)).fill_null(False)
+    candidates = np.flatnonzero(near.to_numpy(zero_copy_only=False))
     joined = pc.binary_join_element_wise(
-        pa.array(identity_map["identifier_type"], pa.large_string(), from_pandas=True),
-        pa.array(identity_map["identifier_value"], pa.large_string(), from_pandas=True),
+        pa.array(identity_map["identifier_type"], pa.large_string(), from_pandas=True).take(candidates),
+        values.take(candidates),
         pa.scalar(_SEP, pa.large_string()),
     )
-    owner = pa.array(identity_map["profile_id"], pa.string(), from_pandas=True)
+    owner = pa.array(identity_map["profile_id"], pa.string(), from_pandas=True).take(candidates)
     ends = []
     for side in ("from", "to"):
         keys = pc.binary_join_element_wise(
