@@ -191,7 +191,7 @@ class ProfileStore:
     """The store under ``directory``; ``rules``, ``limits`` and ``config_digest`` are the
     configuration its tables are built with (a different digest forces a rebuild)."""
 
-    shard_rows = 1_000_000
+    shard_rows = 500_000
     """Live records per shard of a full rebuild. Profiles are built and written one shard of
     clusters at a time, so memory holds the current state once (as Arrow) plus one shard
     in pandas, and SQLite writes one shard while the next is built."""
@@ -567,6 +567,9 @@ class ProfileStore:
         lookup = _ProfileLookup(clusters, _sizes(result))
         cluster_of, profile_of, rp_row = _assignment(live, live_keys, result, clusters, identity_input, lookup)
         del identity_input
+        # Each shard rebuilds its slice of record_profiles from its own rows (below): the
+        # whole table (a row per record) need not stay in memory through the shards.
+        result.record_profiles = result.record_profiles.head(0)
         _give_back_memory()
         okeys = _order_keys_arrow(_expand(live.select(["source", "event_type", "shop", "order_id"])))
         plan = _ShardPlan(cluster_of, okeys, self.shard_rows)
@@ -643,10 +646,18 @@ class ProfileStore:
                         continue
                     frame = table.to_pandas(types_mapper=mapper)
                     del table
+                    # The shard's rows of record_profiles, in its own order (record order),
+                    # so build_profiles matches records to it by position, not by a join.
                     assigned = rp_row[rows]
-                    # In record_profiles' own order, so build_profiles matches records to
-                    # it by position rather than by a join on the keys.
-                    shard_rp = result.record_profiles.iloc[np.sort(assigned[assigned >= 0])]
+                    local = np.flatnonzero(assigned >= 0)
+                    local = local[np.argsort(assigned[local])]
+                    shard_rp = pd.DataFrame(
+                        {
+                            "source": frame["source"].iloc[local].reset_index(drop=True),
+                            "source_record_id": frame["source_record_id"].iloc[local].reset_index(drop=True),
+                            "profile_id": _str_column(meta["profile_id"].take(pa.array(local))),
+                        }
+                    )
                     shard_identity = identity.iloc[identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]]
                     profiles, provenance = build_profiles(frame, shard_rp, self.rules, identity_map=shard_identity)
                     del frame
@@ -679,7 +690,8 @@ class ProfileStore:
                 cur.execute(statement)
             tick = report.lap("indexes", tick)
             if previous is not None:
-                _carry_changes(cur, previous, result, run_id)
+                new_rp = _query(cur, "select source, source_record_id, profile_id from records where profile_id is not null")
+                _carry_changes(cur, previous, new_rp.to_pandas(), run_id)
             _append_ledger(cur, manifest, run_id)
             now = datetime.now(timezone.utc).isoformat()
             _set_meta(cur, {"config_hash": self.digest, "format": str(FORMAT), "built_at": now, "reason": reason})
@@ -1209,6 +1221,10 @@ def _profile_rows(
     return pa.table(columns)
 
 
+def _str_column(array: pa.Array | pa.ChunkedArray) -> pd.Series:
+    return pd.Series(pd.array(array, dtype="str"))
+
+
 def _sizes(result: IdentityResult) -> pd.Series:
     """profile_id -> identifier count of its identity component."""
     components = result.components
@@ -1334,9 +1350,9 @@ def _append_changes(cur, changes: pd.DataFrame, run_id: Optional[str]) -> None:
     )
 
 
-def _carry_changes(cur, previous: Path, result: IdentityResult, run_id: Optional[str]) -> None:
+def _carry_changes(cur, previous: Path, record_profiles: pd.DataFrame, run_id: Optional[str]) -> None:
     """Keep the old store's change log, and log the changes between its assignment and the
-    rebuilt one."""
+    rebuilt one (``record_profiles``: source, source_record_id, profile_id)."""
     old_conn, old_cur = ProfileStore._connect(previous)
     try:
         log = _query(old_cur, "select * from changes")
@@ -1349,7 +1365,7 @@ def _carry_changes(cur, previous: Path, result: IdentityResult, run_id: Optional
     if log.num_rows:
         cur.adbc_ingest("changes", log.cast(pa.schema([(n, pa.string()) for n in log.column_names])), mode="append")
     if len(old_rp):
-        _append_changes(cur, profile_id_changes(old_rp.astype(str), result.record_profiles), run_id)
+        _append_changes(cur, profile_id_changes(old_rp.astype(str), record_profiles.astype(str)), run_id)
 
 
 def _record_stats(cur, report: ApplyReport, run_id: Optional[str]) -> dict[str, int]:
