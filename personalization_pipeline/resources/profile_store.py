@@ -64,6 +64,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from personalization_pipeline.core import canonical
 from personalization_pipeline.core.identity import (
@@ -78,9 +80,9 @@ from personalization_pipeline.core.incremental import (
     assert_distinct_keys,
     assert_keys_name_one_record,
     identifier_hashes,
+    identifier_owners,
     latest_versions,
     normalised_identifiers,
-    identifier_owners,
     order_keys,
     raw_clusters,
     record_codes,
@@ -93,8 +95,6 @@ from personalization_pipeline.core.profiles import (
     positions_in,
     profile_numbers_arrow,
 )
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from personalization_pipeline.core.rules import ConflictRules
 
 FORMAT = 1
