@@ -153,39 +153,17 @@ def _measure(size: str, root: Path, gx_import: float) -> list[Figure]:
     from personalization_pipeline.core.clock import ManualClock
     from personalization_pipeline.definitions import defs
     from personalization_pipeline.jobs import snapshot_job, stream_job
-    from personalization_pipeline.resources.hubspot import HubSpotResource
     from personalization_pipeline.resources.kafka import KafkaResource
-    from personalization_pipeline.resources.lake import LakeResource
-    from personalization_pipeline.resources.landing_zone import LocalLandingZoneResource
-    from personalization_pipeline.resources.mailchimp import MailchimpResource
-    from personalization_pipeline.resources.runtime import RuntimeResource
-    from personalization_pipeline.resources.shop import ShopResource
-    from personalization_pipeline.resources.state_store import StateStoreResource
     from personalization_pipeline.sandbox.server import SandboxConfig, start_sandbox
+    from personalization_pipeline.sandbox.wiring import sandbox_resources
     from personalization_pipeline.simulator import TrafficModel, fetch_anonymous_visitors, fetch_shop_data
 
     clock = ManualClock(WORLD_NOW)
     config = SandboxConfig(seed=23, size=PEOPLE, history_days=20, clock=clock.now, world_now=WORLD_NOW)
     with start_sandbox(config) as sandbox, dg.instance_for_test() as instance:
-        resources = {
-            "hubspot": HubSpotResource(
-                base_url=sandbox.hubspot_url,
-                client_id=config.hubspot_client_id,
-                client_secret=config.hubspot_client_secret,
-                refresh_token=config.hubspot_refresh_token,
-            ),
-            "mailchimp": MailchimpResource(
-                access_token=config.mailchimp_access_token,
-                list_id=config.mailchimp_list_id,
-                metadata_url=f"{sandbox.mailchimp_url}/oauth2/metadata",
-            ),
-            "shop": ShopResource(base_url=sandbox.shop_url),
-            "lake": LakeResource(),
-            "kafka": KafkaResource(bootstrap_servers="", topic="pp.events"),
-            "landing_zone": LocalLandingZoneResource(),
-            "state": StateStoreResource(),
-            "runtime": RuntimeResource(lag_seconds=60, now_override=RUN_NOW),
-        }
+        resources = sandbox_resources(
+            sandbox, config, RUN_NOW, kafka=KafkaResource(bootstrap_servers="", topic="pp.events")
+        )
         # The code location's assets, checks, jobs and executor, with resources on the sandbox.
         location = dg.Definitions(
             assets=list(defs.assets or []),

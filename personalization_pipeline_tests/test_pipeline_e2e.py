@@ -22,14 +22,9 @@ from personalization_pipeline.core.clock import ManualClock
 from personalization_pipeline.partitions import landing_partition_key
 from personalization_pipeline.ingest_service.app import start_ingest_service
 from personalization_pipeline.ingest_service.config import IngestConfig
-from personalization_pipeline.resources.hubspot import HubSpotResource
-from personalization_pipeline.resources.lake import Lake, LakeResource
-from personalization_pipeline.resources.landing_zone import LocalLandingZoneResource
-from personalization_pipeline.resources.mailchimp import MailchimpResource
-from personalization_pipeline.resources.runtime import RuntimeResource
-from personalization_pipeline.resources.shop import ShopResource
-from personalization_pipeline.resources.state_store import StateStoreResource
+from personalization_pipeline.resources.lake import Lake
 from personalization_pipeline.sandbox.server import SandboxConfig, start_sandbox
+from personalization_pipeline.sandbox.wiring import sandbox_resources
 from personalization_pipeline.simulator import run_simulator
 
 WORLD_NOW = datetime(2026, 10, 31, 20, 0, tzinfo=timezone.utc)  # history ends before the first partition
@@ -48,24 +43,7 @@ def world(tmp_path, monkeypatch):
     clock = ManualClock(WORLD_NOW)
     config = SandboxConfig(seed=11, size=400, history_days=20, clock=clock.now, world_now=WORLD_NOW)
     with start_sandbox(config) as sandbox:
-        resources = {
-            "hubspot": HubSpotResource(
-                base_url=sandbox.hubspot_url,
-                client_id=config.hubspot_client_id,
-                client_secret=config.hubspot_client_secret,
-                refresh_token=config.hubspot_refresh_token,
-            ),
-            "mailchimp": MailchimpResource(
-                access_token=config.mailchimp_access_token,
-                list_id=config.mailchimp_list_id,
-                metadata_url=f"{sandbox.mailchimp_url}/oauth2/metadata",
-            ),
-            "shop": ShopResource(base_url=sandbox.shop_url),
-            "lake": LakeResource(),
-            "landing_zone": LocalLandingZoneResource(),
-            "state": StateStoreResource(),
-            "runtime": RuntimeResource(lag_seconds=60, now_override=RUN_NOW),
-        }
+        resources = sandbox_resources(sandbox, config, RUN_NOW)
         with dg.instance_for_test() as instance:
             yield sandbox, clock, resources, tmp_path, instance
 

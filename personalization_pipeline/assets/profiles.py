@@ -62,7 +62,7 @@ def masked_sample(profiles: pd.DataFrame, provenance: pd.DataFrame) -> str:
         return "_no profiles yet_"
     row = profiles.iloc[0]
     lines = [
-        f"**profile** `{row['profile_id']}` — email {mask_email(row.get('primary_email'))}",
+        f"**profile** `{row['profile_id']}` — email {mask_email(row.get('primary_email')) or '(none)'}",
         "",
         "| attribute | value | source | tier | observed_at |",
         "|---|---|---|---|---|",

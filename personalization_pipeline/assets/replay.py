@@ -40,8 +40,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from personalization_pipeline.assets.checks import REPLAY_MARK
+from personalization_pipeline.assets.sources import drop_echo
 from personalization_pipeline.core import canonical
-from personalization_pipeline.core.sources import drop_unchanged_versions
 from personalization_pipeline.partitions import source_partitions
 from personalization_pipeline.resources.lake import Lake, LakeResource
 from personalization_pipeline.validation import default_config, validate_batch
@@ -121,7 +121,7 @@ def replay_batch(lake: Lake, source: str, batch: str, quarantine: pd.DataFrame) 
     if source == "esp" and not staged.empty:
         # As the members pull does: a version with no new fact must not look newer.
         before = len(staged)
-        staged = drop_unchanged_versions(canonical.to_frame(staged), lake.read_staged(source))
+        staged = drop_echo(lake, source, canonical.to_frame(staged), drop_unchanged=True)
         unchanged = before - len(staged)
     if not staged.empty:
         name = replay_batch_name(batch, staged)
@@ -133,8 +133,6 @@ def replay_batch(lake: Lake, source: str, batch: str, quarantine: pd.DataFrame) 
     still = replayable.iloc[outcome.quarantine["row_position"].to_numpy()].copy()
     still["failed_expectations"] = list(outcome.quarantine["failed_expectations"])
     remaining = pd.concat([kept_back, still], ignore_index=True)
-    if remaining.empty:
-        remaining = quarantine.iloc[0:0]
     lake.write_validation_quarantine(source, batch, remaining)
 
     counts["rows_replayed"] = len(staged)

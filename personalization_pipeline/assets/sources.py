@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
 
 from personalization_pipeline import settings
 from personalization_pipeline.core.events import envelopes_to_canonical
@@ -61,7 +62,7 @@ def _window(context: dg.AssetExecutionContext, runtime: RuntimeResource) -> tupl
     return window.start, end, now
 
 
-def _drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: bool) -> pd.DataFrame:
+def drop_echo(lake: Lake, source: str, frame: pd.DataFrame, drop_unchanged: bool) -> pd.DataFrame:
     """ESP members only: our own push bumps a member's last_changed without any new fact
     (the echo); such a version must not look newer than it is. CRM versions are staged as
     pulled, so a partition holds exactly the contacts modified in its hour."""
@@ -102,7 +103,7 @@ def _stage(
     lake: Lake, source: str, batch: str, frame: pd.DataFrame, drop_unchanged: bool = False, outcome=None
 ) -> dict[str, int]:
     before = len(frame)
-    frame = _drop_echo(lake, source, frame, drop_unchanged)
+    frame = drop_echo(lake, source, frame, drop_unchanged)
     counts = lake.write_staged(source, batch, frame, *verdict_of(outcome))
     return {"rows_unchanged": before - len(frame), **counts}
 
@@ -118,7 +119,7 @@ def _stage_partitions(
     """Stage a pull over one or more hourly partitions (a backfill chunk is several): each
     partition's file gets exactly the versions observed in its hour."""
     before = len(frame)
-    frame = _drop_echo(lake, source, frame, drop_unchanged)
+    frame = drop_echo(lake, source, frame, drop_unchanged)
     totals = {"rows_unchanged": before - len(frame), "rows_new": 0, "rows_total": 0, "rows_held": 0, "partitions": 0}
     placed = 0
     for key in context.partition_keys:
@@ -238,8 +239,10 @@ def _crm_versions_with_merges(records: list[dict], now: datetime) -> tuple[pd.Da
 
 
 def _lake_live_crm_ids(lake: Lake) -> list[str]:
-    """The CRM contacts whose latest staged version is not a deletion."""
-    staged = lake.read_staged("crm")
+    """The CRM contacts whose latest staged version is not a deletion (from the key
+    columns only: versions equal on both times are told apart by those columns' hash)."""
+    columns = ["source", "source_record_id", "observed_at", "received_at", "record_kind", "is_deleted"]
+    staged = lake.read_staged_table("crm", columns).to_pandas(types_mapper={pa.bool_(): pd.BooleanDtype()}.get)
     if staged.empty:
         return []
     live = current_state(staged[staged["record_kind"] == "contact"])

@@ -37,7 +37,7 @@ from scipy.sparse.csgraph import connected_components
 
 from personalization_pipeline.core import canonical
 from personalization_pipeline.core.canonical import IDENTIFIER_TYPES
-from personalization_pipeline.core.identity import IdentityResult, normalise_values, record_keys
+from personalization_pipeline.core.identity import IdentityResult, _arrow_strings, normalise_values, record_keys
 
 NO_CLUSTER = np.iinfo(np.int64).min
 """The cluster of a stored record that belongs to no profile: a tombstone (its latest
@@ -62,14 +62,6 @@ def _hash_strings(values: pa.Array | pd.Series) -> np.ndarray:
     return out
 
 
-def record_codes(frame: pd.DataFrame) -> np.ndarray:
-    """Exact group codes of (source, source_record_id) within one frame."""
-    if frame.empty:
-        return np.empty(0, dtype=np.int64)
-    encoded = pc.dictionary_encode(record_keys(frame))
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def record_hashes(frame: pd.DataFrame | pa.Table) -> np.ndarray:
     """The store's key of each record: a 64-bit hash of (source, source_record_id)."""
     if len(frame) == 0:
@@ -77,7 +69,7 @@ def record_hashes(frame: pd.DataFrame | pa.Table) -> np.ndarray:
     return _hash_strings(record_keys(frame))
 
 
-def assert_keys_name_one_record(table: pa.Table, rkeys: np.ndarray) -> None:
+def assert_keys_name_one_record(rows: pd.DataFrame | pa.Table, rkeys: np.ndarray) -> None:
     """Rows sharing a 64-bit store key are versions of one (source, source_record_id):
     compared only where keys repeat (a collision was never seen; if it happened the store
     could not keep the two records apart, so it stops instead of mixing them)."""
@@ -89,25 +81,9 @@ def assert_keys_name_one_record(table: pa.Table, rkeys: np.ndarray) -> None:
         return
     left, right = pa.array(order[repeat]), pa.array(order[repeat + 1])
     for name in ("source", "source_record_id"):
-        column = table.column(name)
+        column = _arrow_strings(rows[name])
         if not pc.all(pc.equal(column.take(left), column.take(right))).as_py():
             raise ValueError("two different source records share a 64-bit store key; please report this")
-
-
-def assert_distinct_keys(codes: np.ndarray, rkeys: np.ndarray) -> None:
-    """Two different records never share a 64-bit store key (never seen; if it happened
-    the store could not keep them apart, so it stops instead of mixing them)."""
-    if len(codes) and distinct_count(rkeys) != int(codes.max()) + 1:
-        raise ValueError("two different source records share a 64-bit store key; please report this")
-
-
-def distinct_count(values: np.ndarray) -> int:
-    """How many distinct integers: a sort and a compare (``np.unique`` hashes, which at ten
-    million keys is twenty times slower)."""
-    if len(values) == 0:
-        return 0
-    ordered = np.sort(np.asarray(values))
-    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 def identifier_hashes(kinds: pd.Series, values: pd.Series) -> np.ndarray:
@@ -151,7 +127,7 @@ def latest_versions(
     rule ``identity.current_state`` uses). Deleted versions take part like any other, so
     a record whose latest version is deleted keeps that tombstone.
 
-    ``codes`` identify the records (``record_codes``, or the store keys). ``frame`` needs
+    ``codes`` identify the records (the store keys, ``record_hashes``). ``frame`` needs
     only the time columns when ``full_rows`` is given: it returns the whole canonical rows
     at some positions, which are only needed to break ties. Returns positions sorted by
     code.

@@ -209,16 +209,11 @@ def crm_deletions_to_canonical(records: Iterable[dict], received_at: datetime) -
     """Archived HubSpot contacts -> deletion versions (is_deleted, observed at `archivedAt`),
     so the contact stops contributing from then on. Its staged history is kept."""
     rows = [
-        {
-            "source": "crm",
-            "source_class": "crm",
-            "source_record_id": str(record["id"]),
-            "observed_at": record.get("archivedAt") or (record.get("properties") or {}).get("lastmodifieddate"),
-            "received_at": received_at,
-            "record_kind": "contact",
-            "is_deleted": True,
-            "crm_id": str(record["id"]),
-        }
+        _crm_deletion(
+            str(record["id"]),
+            record.get("archivedAt") or (record.get("properties") or {}).get("lastmodifieddate"),
+            received_at,
+        )
         for record in records
     ]
     return canonical.to_frame(rows) if rows else canonical.empty_frame()
@@ -246,18 +241,7 @@ def crm_merged_away_to_canonical(records: Iterable[dict], received_at: datetime)
         props = record.get("properties") or {}
         observed = _hubspot_time(props.get("lastmodifieddate") or record.get("updatedAt"))
         for merged_id in merged_object_ids(record):
-            rows.append(
-                {
-                    "source": "crm",
-                    "source_class": "crm",
-                    "source_record_id": merged_id,
-                    "observed_at": observed,
-                    "received_at": received_at,
-                    "record_kind": "contact",
-                    "is_deleted": True,
-                    "crm_id": merged_id,
-                }
-            )
+            rows.append(_crm_deletion(merged_id, observed, received_at))
     if not rows:
         return canonical.empty_frame()
     frame = canonical.to_frame(rows)
@@ -272,20 +256,22 @@ def crm_vanished_to_canonical(contact_ids: Iterable[str], observed_at: datetime,
     deletion versions observed when the reconciliation found them gone (HubSpot keeps no
     trace of when), so they stop contributing from then on."""
     ids = list(dict.fromkeys(str(i) for i in contact_ids))
-    rows = [
-        {
-            "source": "crm",
-            "source_class": "crm",
-            "source_record_id": contact_id,
-            "observed_at": observed_at,
-            "received_at": received_at,
-            "record_kind": "contact",
-            "is_deleted": True,
-            "crm_id": contact_id,
-        }
-        for contact_id in ids
-    ]
+    rows = [_crm_deletion(contact_id, observed_at, received_at) for contact_id in ids]
     return canonical.to_frame(rows) if rows else canonical.empty_frame()
+
+
+def _crm_deletion(contact_id: str, observed_at, received_at: datetime) -> dict:
+    """A deletion version of one HubSpot contact (archived, merged away or gdpr-deleted)."""
+    return {
+        "source": "crm",
+        "source_class": "crm",
+        "source_record_id": contact_id,
+        "observed_at": observed_at,
+        "received_at": received_at,
+        "record_kind": "contact",
+        "is_deleted": True,
+        "crm_id": contact_id,
+    }
 
 
 def _id_order(value: str) -> tuple[int, int | str]:

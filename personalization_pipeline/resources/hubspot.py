@@ -23,6 +23,7 @@ from personalization_pipeline import settings
 from personalization_pipeline.core.breaker import BreakerPolicy
 from personalization_pipeline.core.clock import SYSTEM_CLOCK, Clock
 from personalization_pipeline.core.ratelimit import RateLimit, backoff_delay, is_backfill_run
+from personalization_pipeline.core.sources import merged_object_ids
 from personalization_pipeline.resources.http import (
     RETRYABLE_STATUS,
     CallStats,
@@ -400,11 +401,11 @@ class HubSpotClient:
             )
             results = self._check_page(payload)
             answered: set[str] = set()
+            wanted = set(chunk)
             for record in results:
                 answered.add(str(record["id"]))
-                merged = str((record.get("properties") or {}).get("hs_merged_object_ids") or "")
-                covered = {m.strip() for m in merged.split(";") if m.strip()} & set(chunk)
-                if covered - {str(record["id"])}:
+                covered = set(merged_object_ids(record)) & wanted
+                if covered:
                     merged_into[str(record["id"])] = record
                 answered |= covered
             gone |= set(chunk) - answered

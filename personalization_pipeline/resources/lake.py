@@ -6,7 +6,7 @@ Layout under the lake root:
   manifest.sqlite                      one row per staged or held batch: content hash, rows,
                                        verdict (passed = staged, failed = held) and reason
   quarantine/<source>/<batch>.parquet  rows that could not be staged, with the reason
-  tables/<name>.parquet                resolved tables (identity map, profiles, provenance, ...)
+  (the resolved tables live in the profile store, resources/profile_store.py)
 
 Every write goes to a temporary file and is published with an atomic rename, so a killed
 run never leaves half a file. Staged history is append-only by version: re-writing a
@@ -209,13 +209,15 @@ class Lake:
         base = self.root / "staged"
         return sorted((base / source).glob("*.parquet") if source else base.glob("*/*.parquet"))
 
-    def read_staged_table(self, source: Optional[str] = None) -> pa.Table:
-        """All staged versions as one Arrow table (canonical schema)."""
-        base = self.root / "staged"
-        files = sorted((base / source).glob("*.parquet") if source else base.glob("*/*.parquet"))
+    def read_staged_table(self, source: Optional[str] = None, columns: Optional[list[str]] = None) -> pa.Table:
+        """All staged versions as one Arrow table (canonical schema, or those ``columns``)."""
+        schema = canonical.CANONICAL_SCHEMA
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+        files = self.staged_files(source)
         if not files:
-            return canonical.CANONICAL_SCHEMA.empty_table()
-        tables = [pq.read_table(f, schema=canonical.CANONICAL_SCHEMA) for f in files]
+            return schema.empty_table()
+        tables = [pq.read_table(f, columns=columns, schema=canonical.CANONICAL_SCHEMA).cast(schema) for f in files]
         return pa.concat_tables(tables).combine_chunks()
 
     def write_quarantine(self, source: str, batch: str, rejects: list[dict]) -> int:
@@ -250,13 +252,6 @@ class Lake:
         )
         write_atomic(pa.Table.from_pandas(frame, preserve_index=False), path)
         return len(frame)
-
-    def write_table(self, name: str, frame: pd.DataFrame) -> None:
-        write_atomic(pa.Table.from_pandas(frame, preserve_index=False), self.root / "tables" / f"{name}.parquet")
-
-    def read_table(self, name: str) -> Optional[pd.DataFrame]:
-        path = self.root / "tables" / f"{name}.parquet"
-        return pq.read_table(path).to_pandas() if path.exists() else None
 
 
 class LakeResource(dg.ConfigurableResource):

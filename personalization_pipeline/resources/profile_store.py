@@ -77,7 +77,6 @@ from personalization_pipeline.core.identity import (
 )
 from personalization_pipeline.core.incremental import (
     NO_CLUSTER,
-    assert_distinct_keys,
     assert_keys_name_one_record,
     identifier_hashes,
     identifier_owners,
@@ -85,7 +84,6 @@ from personalization_pipeline.core.incremental import (
     normalised_identifiers,
     order_keys,
     raw_clusters,
-    record_codes,
     record_hashes,
 )
 from personalization_pipeline.core.profiles import (
@@ -325,10 +323,9 @@ class ProfileStore:
 
     def _apply_rows(self, cur, new: pd.DataFrame, report: ApplyReport, run_id: Optional[str]) -> None:
         tick = time.perf_counter()
-        codes = record_codes(new)
         rkeys = record_hashes(new)
-        assert_distinct_keys(codes, rkeys)
-        winners = latest_versions(new, codes)
+        assert_keys_name_one_record(new, rkeys)
+        winners = latest_versions(new, rkeys)
         incoming = new.iloc[winners].reset_index(drop=True)
         incoming_keys = rkeys[winners]
 
@@ -341,10 +338,10 @@ class ProfileStore:
         )
         stored, stored_meta = _records_from_store(stored_table)
         tick = report.lap("find_stored_versions", tick)
-        _check_same_records(stored, stored_meta["rkey"], incoming, incoming_keys)
 
         both = pd.concat([stored, incoming], ignore_index=True)
         both_keys = np.concatenate([stored_meta["rkey"], incoming_keys])
+        assert_keys_name_one_record(both, both_keys)  # a stored record under an incoming key
         picked = latest_versions(both, both_keys)
         changed_rows = picked[picked >= len(stored)] - len(stored)
         if len(changed_rows) == 0:
@@ -391,7 +388,8 @@ class ProfileStore:
         result = resolve_identities(subset, self.limits)
         profiles, provenance = build_profiles(subset, result.record_profiles, self.rules, identity_map=result.identity_map)
         clusters = raw_clusters(result)
-        cluster_of, profile_of, _ = _assignment(subset, subset_keys, result, clusters)
+        lookup = _ProfileLookup(clusters, _sizes(result))
+        cluster_of, profile_of, _ = _assignment(subset, subset_keys, result, clusters, lookup=lookup)
         tick = report.lap("recompute", tick)
         assignment = (cluster_of, profile_of.to_numpy(zero_copy_only=False).astype(object))
 
@@ -450,8 +448,8 @@ class ProfileStore:
         cur.execute("delete from profiles where cluster in (select k from temp.t)")
         cur.execute("delete from conflicts where cluster in (select k from temp.t)")
         _adjust_counters(cur, old_profiles, sign=-1)
-        self._write_outputs(cur, result, clusters, profiles, provenance, old_identifiers, old_profiles)
-        _adjust_counters(cur, _new_counters(profiles, _ProfileLookup(clusters, _sizes(result))), sign=+1)
+        self._write_outputs(cur, result, lookup, profiles, provenance, old_identifiers, old_profiles)
+        _adjust_counters(cur, _new_counters(profiles, lookup), sign=+1)
         report.profiles_written = len(profiles)
         report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
         report.sample_profile_id = _sample_id(profiles)
@@ -476,7 +474,7 @@ class ProfileStore:
         self,
         cur,
         result: IdentityResult,
-        clusters: pd.Series,
+        lookup: "_ProfileLookup",
         profiles: pd.DataFrame,
         provenance: pd.DataFrame,
         old_identifiers: Optional[pd.DataFrame] = None,
@@ -485,8 +483,7 @@ class ProfileStore:
         """Write the identity map, conflicts and profiles of the recomputed clusters. With the
         old rows (an incremental run) only identifier rows and index entries that changed
         are deleted and inserted; the clusters' profiles were deleted by the caller."""
-        lookup = _ProfileLookup(clusters, _sizes(result))
-        _write_identity(cur, result, clusters, old_identifiers)
+        _write_identity(cur, result, lookup, old_identifiers)
         if len(profiles):
             _write_profile_rows(cur, _profile_rows(profiles, provenance, lookup, self.rules.attributes))
         _write_profile_index(cur, _placed(profiles, lookup), old_profiles)
@@ -624,7 +621,7 @@ class ProfileStore:
                 }
                 write(_write_records, cur, dead, tombstones)
                 del dead
-                write(_write_identity, cur, result, clusters, None, identity_cluster)
+                write(_write_identity, cur, result, lookup, None, identity_cluster)
                 write(
                     _write_record_index,
                     cur,
@@ -838,7 +835,7 @@ _closers: list[threading.Thread] = []
 def _write_identity(
     cur,
     result: IdentityResult,
-    clusters: pd.Series,
+    lookup: "_ProfileLookup",
     old_identifiers: Optional[pd.DataFrame] = None,
     identity_cluster: Optional[np.ndarray] = None,
 ) -> None:
@@ -847,7 +844,7 @@ def _write_identity(
     ``identity_cluster``: the cluster of each identity map row, if the caller has it."""
     identity = result.identity_map
     if identity_cluster is None:
-        identity_cluster = _clusters_of(clusters, pa.array(identity["profile_id"], pa.string(), from_pandas=True))
+        identity_cluster = lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
     columns = ["cluster", "identifier_type", "identifier_value", "ikey", "profile_id", "first_seen"]
     table = pa.table(
         {
@@ -897,7 +894,7 @@ def _write_identity(
     conflicts = result.conflicts
     if len(conflicts):
         owner, _ = identifier_owners(result.identity_map, conflicts)
-        conflict_cluster = clusters.reindex(owner.to_numpy(zero_copy_only=False).astype(str)).to_numpy(np.int64)
+        conflict_cluster = lookup.cluster(owner)
         cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=conflict_cluster)), mode="append")
 
 
@@ -1433,15 +1430,6 @@ def _fetch_clusters(cur, clusters: set[int]) -> tuple[pd.DataFrame, dict[str, np
     return _records_from_store(table)
 
 
-def _check_same_records(stored: pd.DataFrame, stored_keys: np.ndarray, incoming: pd.DataFrame, incoming_keys: np.ndarray) -> None:
-    if stored.empty:
-        return
-    names = dict(zip(incoming_keys.tolist(), zip(incoming["source"].astype(str), incoming["source_record_id"].astype(str))))
-    for key, source, record in zip(stored_keys.tolist(), stored["source"].astype(str), stored["source_record_id"].astype(str)):
-        if names.get(key, (source, record)) != (source, record):
-            raise StoreError("two different source records share a 64-bit store key; please report this")
-
-
 def _assignment(
     frame,
     keys: np.ndarray,
@@ -1511,11 +1499,6 @@ class _ProfileLookup:
         if at is None:
             return _lookup(self.sizes, pd.Series(profile_ids.to_numpy(zero_copy_only=False)))
         return self.size_values[at]
-
-
-def _clusters_of(clusters: pd.Series, profile_ids: pa.Array) -> np.ndarray:
-    """The cluster of each profile id (every one is in ``clusters``)."""
-    return _ProfileLookup(clusters).cluster(profile_ids)
 
 
 class _ShardPlan:
