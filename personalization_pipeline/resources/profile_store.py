@@ -16,17 +16,26 @@ moves Arrow tables in and out without a Python object per value. Why SQLite:
   consistent snapshot while a writer works (WAL);
 - it is a file next to the lake: nothing more to run.
 
-The full rebuild writes a new database file and switches ``CURRENT`` to it with an atomic
-rename, so readers never see a half-built store. It reads the staged history twice (the
-key columns pick each record's latest version, then only those rows are read), resolves
-identity over the whole current state, then builds and writes the profiles one shard of
-clusters at a time (``ProfileStore.shard_rows``): clusters holding one order share a
-shard, so every shard's profiles are exactly what one pass over everything gives. A
-writer thread inserts shard k while the main thread builds shard k + 1.
+Records are the exception: the full rebuild writes them to a record base
+(``resources/record_base.py``: an Arrow IPC file and sorted key arrays next to the
+database), because SQLite's inserts made ten million records half the rebuild's time. The
+base never changes; an incremental run writes the records it changes to ``records`` (the
+overlay) and the keys of the base rows they supersede to ``base_dead``, in its transaction.
+A record's current row is its overlay row, else its base row unless superseded.
+
+The full rebuild writes a new database file and base and switches ``CURRENT`` to them with
+an atomic rename, so readers never see a half-built store. It reads the staged history
+twice (the key and identifier columns pick each record's latest version and resolve
+identity; then only the live rows are read in full), then builds and writes the profiles
+one shard of clusters at a time (``ProfileStore.shard_rows``): clusters holding one order
+share a shard, so every shard's profiles are exactly what one pass over everything gives.
+A thread gathers shard k + 1 while the main thread builds shard k and a writer thread
+writes shard k - 1.
 
 Tables:
-  records      every record's latest version (tombstones too), its cluster and profile
-  record_index record key -> cluster (finds a record's stored version)
+  records      records written since the rebuild (tombstones too), with cluster and profile
+  record_index record key -> cluster, for the rows of ``records``
+  base_dead    keys of base records superseded since the rebuild
   identifiers  the identity map: identifier -> profile, first_seen, by cluster
   identifier_index  identifier key -> cluster (a 64-bit hash: a collision only adds a cluster)
   profile_index     profile_id -> cluster (lookups by id)
@@ -48,11 +57,12 @@ import ctypes
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,8 +104,9 @@ from personalization_pipeline.core.profiles import (
     profile_numbers_arrow,
 )
 from personalization_pipeline.core.rules import ConflictRules
+from personalization_pipeline.resources.record_base import STORE_SCHEMA, BaseWriter, RecordBase, base_directory
 
-FORMAT = 1
+FORMAT = 2
 _TS = pa.timestamp("us", tz="UTC")
 _IDENTITY_COLUMNS = ["source", "source_record_id", "observed_at", *canonical.IDENTIFIER_TYPES]
 """The columns identity resolution reads."""
@@ -117,6 +128,7 @@ _DDL = [
     "create table identifiers (cluster integer not null, identifier_type text not null, identifier_value text not null,"
     " ikey integer not null, profile_id text not null, first_seen integer,"
     " primary key (cluster, identifier_type, identifier_value)) without rowid",
+    "create table base_dead (rkey integer primary key) without rowid",
     "create table identifier_index (ikey integer not null, cluster integer not null, primary key (ikey, cluster))"
     " without rowid",
     "create table profile_index (profile_id text primary key, cluster integer not null) without rowid",
@@ -241,12 +253,18 @@ class ProfileStore:
 
     @contextlib.contextmanager
     def reader(self) -> Iterator:
+        with self._snapshot() as (cur, _):
+            yield cur
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator:
+        """(cursor, database path) of the current store: the path names its record base."""
         path = self.current_path()
         if path is None:
             raise StoreError("the profile store is empty: run the profile job (or full_rebuild_job) first")
         conn, cur = self._connect(path)
         try:
-            yield cur
+            yield cur, path
         finally:
             cur.close()
             conn.close()
@@ -285,11 +303,14 @@ class ProfileStore:
             stored = self.meta()
             if path is None:
                 return self._rebuild(lake, run_id, "no store yet")
-            if stored.get("config_hash") != self.digest or stored.get("format") != str(FORMAT):
+            if stored.get("config_hash") != self.digest:
                 return self._rebuild(lake, run_id, "configuration changed (rules, limits or mapping)")
+            if stored.get("format") != str(FORMAT):
+                return self._rebuild(lake, run_id, f"store format {stored.get('format')} -> {FORMAT} (a new version)")
             started = time.perf_counter()
             manifest = lake.batches()
             conn, cur = self._connect(path)
+            base = RecordBase(base_directory(path))
             try:
                 ledger = _query(cur, "select source, batch, verdict, content_hash from ledger").to_pandas()
                 todo, held = self._pending(manifest, ledger)
@@ -305,7 +326,7 @@ class ProfileStore:
                 tick = report.lap("begin", tick)
                 try:
                     if not new.empty:
-                        self._apply_rows(cur, new, report, run_id)
+                        self._apply_rows(cur, base, new, report, run_id)
                     tick = time.perf_counter()
                     _append_ledger(cur, pd.concat([todo, held]), run_id)
                     report.totals = _record_stats(cur, report, run_id)
@@ -321,7 +342,7 @@ class ProfileStore:
             report.seconds = time.perf_counter() - started
             return report
 
-    def _apply_rows(self, cur, new: pd.DataFrame, report: ApplyReport, run_id: Optional[str]) -> None:
+    def _apply_rows(self, cur, base: RecordBase, new: pd.DataFrame, report: ApplyReport, run_id: Optional[str]) -> None:
         tick = time.perf_counter()
         rkeys = record_hashes(new)
         assert_keys_name_one_record(new, rkeys)
@@ -329,13 +350,14 @@ class ProfileStore:
         incoming = new.iloc[winners].reset_index(drop=True)
         incoming_keys = rkeys[winners]
 
-        # The stored version of each incoming record, if any.
+        # The stored version of each incoming record, if any: in the overlay, or in the base.
         _temp_keys(cur, "k", incoming_keys)
         stored_table = _query(
             cur,
             "select r.* from temp.k join record_index i on i.rkey = temp.k.k "
             "join records r on r.cluster = i.cluster and r.rkey = i.rkey",
         )
+        stored_table = _with_base(stored_table, base, _live_base_rows(cur, base, base.rows_of("rkey", incoming_keys)))
         stored, stored_meta = _records_from_store(stored_table)
         tick = report.lap("find_stored_versions", tick)
 
@@ -358,7 +380,7 @@ class ProfileStore:
 
         # Every record of the touched clusters, and of clusters that share an order with them.
         tick = report.lap("find_clusters", tick)
-        records, records_meta = _fetch_clusters(cur, touched)
+        records, records_meta = _fetch_clusters(cur, base, touched)
         tick = report.lap("fetch_records", tick)
         order_seen: set[int] = set()
         while True:
@@ -371,11 +393,13 @@ class ProfileStore:
             order_seen |= okeys
             _temp_keys(cur, "o", np.fromiter(okeys, dtype=np.int64))
             more = _query(cur, "select distinct cluster from records where okey in (select k from temp.o)")
-            extra = set(more.column("cluster").to_pylist()) - touched - {NO_CLUSTER}
+            in_base = _live_base_rows(cur, base, base.rows_of("okey", np.fromiter(okeys, dtype=np.int64)))
+            extra = set(more.column("cluster").to_pylist()) | set(base.column("cluster", in_base).tolist())
+            extra -= touched | {NO_CLUSTER}
             if not extra:
                 break
             touched |= extra
-            more_records, more_meta = _fetch_clusters(cur, extra)
+            more_records, more_meta = _fetch_clusters(cur, base, extra)
             records = pd.concat([records, more_records], ignore_index=True)
             records_meta = {k: np.concatenate([records_meta[k], more_meta[k]]) for k in records_meta}
         report.clusters_touched = len(touched)
@@ -408,8 +432,13 @@ class ProfileStore:
             | (moved["cluster"] != moved["cluster_new"])
             | (moved["profile_id"].fillna("") != moved["profile_id_new"].fillna(""))
         )
-        _temp_pairs(cur, "d", moved.loc[gone, "cluster"].to_numpy(np.int64), moved.loc[gone, "rkey"].to_numpy(np.int64))
+        gone_keys = moved.loc[gone, "rkey"].to_numpy(np.int64)
+        _temp_pairs(cur, "d", moved.loc[gone, "cluster"].to_numpy(np.int64), gone_keys)
         cur.execute("delete from records where (cluster, rkey) in (select c, k from temp.d)")
+        # A base row is never rewritten: its key goes to base_dead, and its new version (if
+        # any) to the overlay, below.
+        _temp_keys(cur, "bd", gone_keys[base.contains(gone_keys)])
+        cur.execute("insert or ignore into base_dead (rkey) select k from temp.bd")
         stay = set(moved.loc[~gone, "rkey"].tolist())
         rewrite = ~np.isin(subset_keys, np.fromiter(stay, dtype=np.int64, count=len(stay)))
         dead = changed[changed["is_deleted"].fillna(False).to_numpy(dtype=bool)]
@@ -500,12 +529,15 @@ class ProfileStore:
         started = tick = time.perf_counter()
         lake.register_unlisted()
         manifest = lake.batches()
-        # Two passes over the staged files, so the whole history is never in memory at once:
-        # the key columns pick each record's latest version, then only those rows are read,
-        # and they stay Arrow (pandas sees one shard at a time, below).
+        # Two passes over the staged files, so the whole history is never in memory at once.
+        # The first reads the key and identifier columns: they pick each record's latest
+        # version and resolve identity. Only then are the live rows read in full, and they
+        # stay Arrow (pandas sees one shard at a time, below). Identity's working memory and
+        # the live rows are never held at once.
         mapper = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get
         files = lake.staged_files()
         key_columns = ["source", "source_record_id", "observed_at", "received_at", "is_deleted"]
+        key_columns += [c for c in _IDENTITY_COLUMNS + ["event_type", "shop", "order_id"] if c not in key_columns]
         key_schema = pa.schema([canonical.CANONICAL_SCHEMA.field(c) for c in key_columns])
         parts = [pq.read_table(f, columns=key_columns, schema=canonical.CANONICAL_SCHEMA).cast(key_schema) for f in files]
         sizes = np.array([t.num_rows for t in parts], dtype=np.int64)
@@ -525,13 +557,18 @@ class ProfileStore:
                 table = pq.read_table(files[number], schema=canonical.CANONICAL_SCHEMA)
                 piece = table.take(pa.array(local))
                 pieces.append(_compact(piece) if compact else piece)
+                del table, piece
+                _give_back_memory()  # the whole file's buffers, before the next file
             if compact:
                 schema = _compact(canonical.CANONICAL_SCHEMA.empty_table()).schema
                 taken = pa.concat_tables(pieces).unify_dictionaries() if pieces else schema.empty_table()
             else:
                 taken = pa.concat_tables(pieces) if pieces else canonical.CANONICAL_SCHEMA.empty_table()
+            del pieces
             if len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all()):
-                return taken.combine_chunks()  # asked in file order: nothing to put back
+                columns, schema = list(taken.columns), taken.schema
+                del taken  # the list holds the only reference: each column is released as it is copied
+                return _combine(columns, schema)  # asked in file order: nothing to put back
             back = np.empty(len(rows), dtype=np.int64)
             back[order] = np.arange(len(rows))
             return taken.take(pa.array(back)).combine_chunks()
@@ -549,39 +586,44 @@ class ProfileStore:
         # In file order, so the second pass reads each file once and needs no reordering.
         live_rows, dead_rows = np.sort(winners[~deleted]), np.sort(winners[deleted])
         live_keys, dead_keys = rkeys[live_rows], rkeys[dead_rows]
-        del keys, rkeys, times
-        # The live rows stay in memory until their shard is written: low-cardinality text
-        # (sources, kinds, names, cities...) is kept dictionary-encoded, about half the
-        # bytes, and each shard's gather moves small integers instead of strings.
-        live = read_rows(live_rows, compact=True)
-        dead = read_rows(dead_rows)
+        report.versions_changed = len(winners)
+        identity_input = keys.select(_IDENTITY_COLUMNS).take(pa.array(live_rows)).to_pandas(types_mapper=mapper)
+        okeys = _order_keys_arrow(keys.select(["source", "event_type", "shop", "order_id"]))[live_rows]
+        del keys, rkeys, times, winners, deleted
         _give_back_memory()  # the key pass's buffers
         tick = report.lap("current_state", tick)
-        identity_input = _expand(live.select(_IDENTITY_COLUMNS)).to_pandas(types_mapper=mapper)
         result = resolve_identities(identity_input, self.limits)
         tick = report.lap("resolve_identities", tick)
         clusters = raw_clusters(result)
         lookup = _ProfileLookup(clusters, _sizes(result))
-        cluster_of, profile_of, rp_row = _assignment(live, live_keys, result, clusters, identity_input, lookup)
+        cluster_of, profile_of, rp_row = _assignment(identity_input, live_keys, result, clusters, identity_input, lookup)
         del identity_input
         # Each shard rebuilds its slice of record_profiles from its own rows (below): the
         # whole table (a row per record) need not stay in memory through the shards.
         result.record_profiles = result.record_profiles.head(0)
         _give_back_memory()
-        okeys = _order_keys_arrow(_expand(live.select(["source", "event_type", "shop", "order_id"])))
+        # The live rows stay in memory until their shard is written: low-cardinality text
+        # (sources, kinds, names, cities...) is kept dictionary-encoded, about half the
+        # bytes, and each shard's gather moves small integers instead of strings.
+        live = read_rows(live_rows, compact=True)
+        dead = read_rows(dead_rows)
+        del live_rows, dead_rows
+        _give_back_memory()
+        tick = report.lap("read_live_rows", tick)
         plan = _ShardPlan(cluster_of, okeys, self.shard_rows)
         shard_of = plan.shards(cluster_of)
         # By cluster: the records table's key order, near enough (a cluster's own rows go to
         # the same few pages in any order), at a fifth of the cost of sorting by both keys.
         key_order = np.argsort(cluster_of)
-        shard_in_key_order = shard_of[key_order]
-        del shard_of
+        by_shard = np.argsort(shard_of[key_order], kind="stable")
+        shard_bounds = np.searchsorted(shard_of[key_order][by_shard], np.arange(-1, plan.count + 1))
+        key_order = key_order[by_shard]  # shard by shard (-1 first), each in key order
+        del shard_of, by_shard
         identity = result.identity_map
         identity_cluster = lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
         identity_shard = plan.shards(identity_cluster)
         identity_order = np.argsort(identity_shard, kind="stable")
         identity_bounds = np.searchsorted(identity_shard[identity_order], np.arange(0, plan.count + 1))
-        report.versions_changed = len(winners)
         report.records_recomputed = live.num_rows
         report.clusters_touched = int(clusters.nunique())
         report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
@@ -590,55 +632,66 @@ class ProfileStore:
         previous = self.current_path()
         path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
         _create(path)
+        base = BaseWriter(base_directory(path))
         conn, cur = self._connect(path)
         try:
             # A new file no reader knows yet: no journal while it is filled (if the run dies,
             # the file is never named in CURRENT and is removed by the next rebuild).
             cur.execute("pragma journal_mode=off")
             cur.execute("pragma synchronous=off")
-            # Appending needs no memory map: mapped pages would count in the step's memory.
+            # Appending needs no memory map and little cache: mapped or cached pages would
+            # count in the step's memory.
             cur.execute("pragma mmap_size=0")
+            cur.execute("pragma cache_size=-32768")
             cur.execute("begin immediate")
-            # SQLite's inserts cost about as much as building the profiles, and the driver
-            # releases the GIL while it inserts: one thread writes shard k while this one
-            # builds shard k + 1. Only the writer thread touches the connection until the
-            # shards are done.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-store-writer") as writer:
+            # Three threads: one gathers shard k + 1, this one builds shard k's profiles, one
+            # writes shard k - 1 (the base file, then SQLite's rows). Gathering, converting
+            # and inserting release the GIL. Only the writer thread touches the connection
+            # until the shards are done.
+            with (
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-store-writer") as writer,
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-store-gather") as fetcher,
+            ):
                 written: list = []
 
-                def write(call, *args) -> None:
-                    def timed() -> None:  # the writer's own time per kind of write, for the report
+                def write(call, *args) -> Future:
+                    def timed():  # the writer's own time per kind of write, for the report
                         since = time.perf_counter()
-                        call(*args)
+                        out = call(*args)
                         report.lap(f"writer{call.__name__}", since)
+                        return out
 
                     written.append(writer.submit(timed))
+                    return written[-1]
 
                 tombstones = {
                     "cluster": np.full(len(dead_keys), NO_CLUSTER, dtype=np.int64),
                     "rkey": dead_keys,
                     "profile_id": pa.nulls(len(dead_keys), pa.string()),
                 }
-                write(_write_records, cur, dead, tombstones)
+                write(_add_to_base, base, dead, tombstones)
                 del dead
                 write(_write_identity, cur, result, lookup, None, identity_cluster)
-                write(
-                    _write_record_index,
-                    cur,
-                    np.concatenate([dead_keys, live_keys]),
-                    np.concatenate([np.full(len(dead_keys), NO_CLUSTER, dtype=np.int64), cluster_of]),
-                )
-                counters, placed, samples = [], [], []
+                outputs, samples = [], []
+
+                def gather(shard: int) -> tuple[np.ndarray, pa.Table]:
+                    """A shard's rows, in key order. Arrow's gather releases the GIL, so a
+                    second thread gathers shard k + 1 while this one builds shard k."""
+                    rows = key_order[shard_bounds[shard + 1] : shard_bounds[shard + 2]]
+                    return rows, _expand(live.take(pa.array(rows)))
+
+                upcoming = fetcher.submit(gather, -1)
                 for shard in range(-1, plan.count):  # -1: records with no usable identifier
-                    rows = key_order[shard_in_key_order == shard]  # a shard's rows, in key order
-                    table = _expand(live.take(pa.array(rows)))
+                    rows, table = upcoming.result()
+                    if shard + 1 < plan.count:
+                        upcoming = fetcher.submit(gather, shard + 1)
                     meta = {
                         "cluster": cluster_of[rows],
                         "rkey": live_keys[rows],
                         "profile_id": profile_of.take(pa.array(rows)),
                         "okey": okeys[rows],
                     }
-                    write(_write_records, cur, table, meta, True)
+                    write(_add_to_base, base, table, meta)
                     if shard < 0 or not len(rows):
                         continue
                     frame = table.to_pandas(types_mapper=mapper)
@@ -658,25 +711,31 @@ class ProfileStore:
                     shard_identity = identity.iloc[identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]]
                     profiles, provenance = build_profiles(frame, shard_rp, self.rules, identity_map=shard_identity)
                     del frame
-                    if not placed:
+                    if not samples:
                         write(_create_output_tables, cur, profiles, provenance, lookup, self.rules.attributes)
-                    rows_out = _profile_rows(profiles, provenance, lookup, self.rules.attributes)
-                    write(_write_profile_rows, cur, rows_out)
-                    counters.append(_new_counters(profiles, lookup))
-                    placed.append(_placed(profiles, lookup))
+                    outputs.append(write(_write_shard_profiles, cur, profiles, provenance, lookup, self.rules.attributes))
                     samples.append(_sample_candidates(profiles))
+                    del profiles, provenance
+                    _give_back_memory()  # the shard's pandas blocks, before the next one
                     # At most one shard queued ahead of the writer: memory stays a shard deep.
                     while len([f for f in written if not f.done()]) > 2:
                         next(f for f in written if not f.done()).result()
+                fetcher.shutdown()
                 del live
+                write(_close_base, base)
                 tick = report.lap("build_profiles_and_write", tick)
                 for future in written:
                     future.result()
             tick = report.lap("writer_drain", tick)
-            if not placed:
+            if not outputs:
                 no_profiles = build_profiles(canonical.empty_frame(), result.record_profiles.head(0), self.rules)
                 _create_output_tables(cur, *no_profiles, lookup, self.rules.attributes)
-            placed_all = pd.concat(placed, ignore_index=True) if placed else pd.DataFrame({"profile_id": [], "cluster": []})
+            counters = [future.result() for future in outputs]
+            placed_all = (
+                pd.concat([c[["profile_id", "cluster"]] for c in counters], ignore_index=True)
+                if counters
+                else pd.DataFrame({"profile_id": [], "cluster": []})
+            )
             _write_profile_index(cur, placed_all)
             if counters:
                 _adjust_counters(cur, pd.concat(counters, ignore_index=True), sign=+1)
@@ -687,8 +746,7 @@ class ProfileStore:
                 cur.execute(statement)
             tick = report.lap("indexes", tick)
             if previous is not None:
-                new_rp = _query(cur, "select source, source_record_id, profile_id from records where profile_id is not null")
-                _carry_changes(cur, previous, new_rp.to_pandas(), run_id)
+                _carry_changes(cur, previous, _assignments(cur, path), run_id)
             _append_ledger(cur, manifest, run_id)
             now = datetime.now(timezone.utc).isoformat()
             _set_meta(cur, {"config_hash": self.digest, "format": str(FORMAT), "built_at": now, "reason": reason})
@@ -704,7 +762,7 @@ class ProfileStore:
         os.replace(pointer, self.directory / "CURRENT")
         for old in self.directory.glob("profiles-*.sqlite*"):
             if not old.name.startswith(path.name):
-                old.unlink(missing_ok=True)
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -788,11 +846,8 @@ class ProfileStore:
         return frame.sort_values(["from_type", "from_value", "to_type", "to_value"], kind="stable").reset_index(drop=True)
 
     def record_profiles(self) -> pd.DataFrame:
-        with self.reader() as cur:
-            table = _query(
-                cur, "select source, source_record_id, profile_id from records where profile_id is not null"
-            )
-        frame = table.to_pandas()
+        with self._snapshot() as (cur, path):
+            frame = _assignments(cur, path)
         return frame.sort_values(["source", "source_record_id"], kind="stable").reset_index(drop=True)
 
     def changes(self) -> pd.DataFrame:
@@ -898,18 +953,32 @@ def _write_identity(
         cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=conflict_cluster)), mode="append")
 
 
-def _write_records(cur, table: pa.Table, meta: dict, in_key_order: bool = False) -> None:
-    """Canonical rows plus their cluster, key, profile (and order key) -> ``records``,
-    inserted in the table's key order (SQLite then appends to its B-tree)."""
-    rows = _table_to_store(table, meta)
-    if not in_key_order:
-        rows = rows.take(pc.sort_indices(rows, [("cluster", "ascending"), ("rkey", "ascending")]))
-    cur.adbc_ingest("records", rows, mode="append")
+def _add_to_base(base: BaseWriter, table: pa.Table, meta: dict) -> None:
+    """Canonical rows plus their cluster, key, profile (and order key) -> the new base."""
+    base.add(_table_to_store(table, meta))
 
 
-def _write_record_index(cur, rkeys: np.ndarray, clusters: np.ndarray) -> None:
-    order = np.argsort(rkeys)
-    cur.adbc_ingest("record_index", pa.table({"rkey": rkeys[order], "cluster": clusters[order]}), mode="append")
+def _close_base(base: BaseWriter) -> None:
+    base.close()
+
+
+def _write_shard_profiles(
+    cur, profiles: pd.DataFrame, provenance: pd.DataFrame, lookup: "_ProfileLookup", attributes: tuple[str, ...]
+) -> pd.DataFrame:
+    """A rebuild shard's profile rows (on the writer thread: the conversion is Arrow work,
+    which releases the GIL). Returns each profile's (profile_id, cluster, size, no_email):
+    the rows of profile_index and of the counters."""
+    rows = _profile_rows(profiles, provenance, lookup, attributes)
+    _write_profile_rows(cur, rows)
+    out = pd.DataFrame(
+        {
+            "profile_id": rows.column("profile_id").to_numpy(zero_copy_only=False),
+            "cluster": rows.column("cluster").to_numpy(),
+            "size": rows.column("size").to_numpy(),
+            "no_email": rows.column("primary_email").is_null().to_numpy(zero_copy_only=False),
+        }
+    )
+    return out
 
 
 def _write_profile_rows(cur, table: pa.Table) -> None:
@@ -1044,6 +1113,15 @@ _LOW_CARDINALITY = (
     "source", "source_class", "record_kind", "event_type", "first_name", "last_name", "city", "country",
     "loyalty_tier", "lifecycle_stage", "email_consent", "category", "device_type", "shop", "currency",
 )
+
+
+def _combine(columns: list, schema: pa.Schema) -> pa.Table:
+    """A table of ``columns`` (chunked), each made one chunk in place: when the list holds
+    the only reference, a column's chunks are released as soon as it is copied, so the copy
+    costs one column's memory, not the table's."""
+    for i in range(len(columns)):
+        columns[i] = columns[i].combine_chunks()
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _compact(table: pa.Table) -> pa.Table:
@@ -1353,9 +1431,7 @@ def _carry_changes(cur, previous: Path, record_profiles: pd.DataFrame, run_id: O
     old_conn, old_cur = ProfileStore._connect(previous)
     try:
         log = _query(old_cur, "select * from changes")
-        old_rp = _query(
-            old_cur, "select source, source_record_id, profile_id from records where profile_id is not null"
-        ).to_pandas()
+        old_rp = _assignments(old_cur, previous)
     finally:
         old_cur.close()
         old_conn.close()
@@ -1424,10 +1500,43 @@ def _identifier_clusters(cur, frame: pd.DataFrame) -> set[int]:
     return set(found.column("cluster").to_pylist())
 
 
-def _fetch_clusters(cur, clusters: set[int]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    _temp_keys(cur, "c", np.fromiter(clusters, dtype=np.int64, count=len(clusters)))
+def _fetch_clusters(cur, base: RecordBase, clusters: set[int]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Every record of ``clusters``: the overlay's rows and the base's live rows."""
+    wanted = np.fromiter(clusters, dtype=np.int64, count=len(clusters))
+    _temp_keys(cur, "c", wanted)
     table = _query(cur, "select r.* from temp.c join records r on r.cluster = temp.c.k")
-    return _records_from_store(table)
+    return _records_from_store(_with_base(table, base, _live_base_rows(cur, base, base.rows_of("cluster", wanted))))
+
+
+def _live_base_rows(cur, base: RecordBase, rows: np.ndarray) -> np.ndarray:
+    """The base rows not superseded by a later run (their keys are not in ``base_dead``)."""
+    if not len(rows) or _query(cur, "select count(*) as n from (select 1 from base_dead limit 1)").column("n")[0].as_py() == 0:
+        return rows
+    keys = base.column("rkey", rows)
+    _temp_keys(cur, "bk", keys)
+    dead = _query(cur, "select rkey from base_dead where rkey in (select k from temp.bk)").column("rkey")
+    return rows[~np.isin(keys, dead.to_numpy())] if len(dead) else rows
+
+
+def _with_base(overlay: pa.Table, base: RecordBase, rows: np.ndarray) -> pa.Table:
+    """Overlay rows (as the driver typed them) and base rows, as one ``STORE_SCHEMA`` table."""
+    overlay = overlay.select(STORE_SCHEMA.names).cast(STORE_SCHEMA) if overlay.num_rows else STORE_SCHEMA.empty_table()
+    if not len(rows):
+        return overlay
+    return pa.concat_tables([overlay, base.take(rows)]).combine_chunks()
+
+
+def _assignments(cur, path: Path) -> pd.DataFrame:
+    """(source, source_record_id, profile_id) of every live record with a profile, from the
+    store at ``path`` (its overlay and its base's rows not superseded)."""
+    overlay = _query(cur, "select source, source_record_id, profile_id from records where profile_id is not null")
+    overlay = overlay.cast(pa.schema([(n, pa.string()) for n in overlay.column_names])) if overlay.num_rows else None
+    base = RecordBase(base_directory(path)).assignments()
+    dead = _query(cur, "select rkey from base_dead").column("rkey").to_numpy() if base.num_rows else []
+    if len(dead):
+        base = base.filter(pa.array(~np.isin(base.column("rkey").to_numpy(), dead)))
+    parts = [base.select(["source", "source_record_id", "profile_id"])] + ([overlay] if overlay is not None else [])
+    return pa.concat_tables(parts).to_pandas()
 
 
 def _assignment(

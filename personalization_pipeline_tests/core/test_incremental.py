@@ -18,6 +18,7 @@ from personalization_pipeline.core.profiles import build_profiles
 from personalization_pipeline.core.rules import load_conflict_rules
 from personalization_pipeline.resources.lake import Lake
 from personalization_pipeline.resources.profile_store import ProfileStore
+from personalization_pipeline.resources.record_base import base_directory
 from personalization_pipeline_tests.core.test_identity import rec, ts
 
 CONFIG = Path(__file__).resolve().parents[2] / "personalization_pipeline" / "config"
@@ -263,3 +264,44 @@ def test_a_backfill_delivering_old_partitions_after_newer_ones_gives_the_same_ta
         stage(backward, f"h{index}", hours[index])
         backfilled.apply(backward)
     assert_same(tables(in_order), tables(backfilled))
+
+
+def test_incremental_runs_leave_the_rebuilt_base_as_it_was(tmp_path):
+    """A full rebuild writes the records to an immutable base file; a later run writes a
+    changed record to the database and marks its base row superseded, in its transaction.
+    The next rebuild starts a new base and removes the old one."""
+    lake = Lake(tmp_path / "lake")
+    target = store(tmp_path / "store")
+    stage(lake, "b1", [rec("crm", "1", 1, crm_id="c1", email="a@x.com", city="Paris"),
+                       rec("crm", "2", 1, crm_id="c2", email="b@x.com", city="Oslo")])
+    assert target.apply(lake).mode == "rebuild"
+    path = target.current_path()
+    base = base_directory(path)
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    stage(lake, "b2", [rec("crm", "1", 2, crm_id="c1", email="a@x.com", city="Rome")])
+    report = target.apply(lake)
+    assert report.mode == "incremental" and target.current_path() == path
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+    with target.reader() as cur:
+        dead = cur.execute("select count(*) from base_dead").fetchone()[0]
+        overlay = cur.execute("select source_record_id, city from records").fetchall()
+    assert dead == 1 and overlay == [("1", "Rome")]
+    assert sorted(target.profiles()["city"]) == ["Oslo", "Rome"]
+    assert len(target.record_profiles()) == 2
+    rebuilt = target.rebuild(lake)
+    assert rebuilt.mode == "rebuild" and not base.exists() and not path.exists()
+    assert sorted(target.profiles()["city"]) == ["Oslo", "Rome"]
+    with target.reader() as cur:
+        assert cur.execute("select count(*) from base_dead").fetchone()[0] == 0
+        assert cur.execute("select count(*) from records").fetchone()[0] == 0
+
+
+def test_a_store_of_an_older_format_is_rebuilt(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    stage(lake, "h1", [rec("crm", "1", 1, crm_id="c1", email="a@x.com")])
+    target = store(tmp_path / "store")
+    target.apply(lake)
+    with target.reader() as cur:
+        cur.execute("update meta set value = '1' where key = 'format'")
+    report = target.apply(lake)
+    assert report.mode == "rebuild" and "format 1 -> " in report.reason

@@ -1,0 +1,62 @@
+"""The record base (resources/record_base.py): rows found by record key, cluster and order
+key equal a brute-force scan, across several written batches and repeated keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from personalization_pipeline.core.incremental import NO_CLUSTER
+from personalization_pipeline.resources.record_base import STORE_SCHEMA, BaseWriter, RecordBase
+
+
+def rows(rkeys, clusters, okeys) -> pa.Table:
+    n = len(rkeys)
+    columns = {
+        "cluster": pa.array(clusters, pa.int64()),
+        "rkey": pa.array(rkeys, pa.int64()),
+        "profile_id": pa.array([f"p_{c}" if c != NO_CLUSTER else None for c in clusters], pa.string()),
+        "okey": pa.array([o if o != NO_CLUSTER else None for o in okeys], pa.int64()),
+    }
+    for field in STORE_SCHEMA:
+        if field.name not in columns:
+            columns[field.name] = pa.array([f"{field.name}-{k}" for k in rkeys] if field.type == pa.string() else list(range(n)), field.type)
+    return pa.table(columns)
+
+
+def test_lookups_equal_a_scan(tmp_path):
+    rng = np.random.default_rng(3)
+    writer = BaseWriter(tmp_path / "b")
+    batches = []
+    for size in (0, 7, 40, 1, 25):
+        rkeys = rng.choice(10**6, size, replace=False) + len(batches) * 10**6  # distinct across batches
+        clusters = rng.choice([NO_CLUSTER, 5, 9, 11, -3], size)
+        okeys = rng.choice([NO_CLUSTER, NO_CLUSTER, 100, 200], size)
+        batches.append((rkeys, clusters, okeys))
+        writer.add(rows(rkeys, clusters, okeys))
+    writer.close()
+    base = RecordBase(tmp_path / "b")
+    rkey = np.concatenate([b[0] for b in batches])
+    cluster = np.concatenate([b[1] for b in batches])
+    okey = np.concatenate([b[2] for b in batches])
+    assert len(base) == len(rkey) == 73
+    for index, column, probes in (
+        ("rkey", rkey, [rkey[[0, 5, 72]], np.array([-1, 2 * 10**7]), rkey]),
+        ("cluster", cluster, [np.array([5]), np.array([9, 11, 12, -3]), np.array([NO_CLUSTER])]),
+        ("okey", okey, [np.array([100]), np.array([200, 100, 300])]),
+    ):
+        for probe in probes:
+            expected = np.flatnonzero(np.isin(column, probe) & ((column != NO_CLUSTER) | (index != "okey")))
+            assert base.rows_of(index, probe).tolist() == expected.tolist(), (index, probe)
+    picked = base.rows_of("cluster", np.array([9]))
+    assert base.take(picked).column("rkey").to_pylist() == rkey[cluster == 9].tolist()
+    assert base.contains(np.array([rkey[3], -5, rkey[-1]])).tolist() == [True, False, True]
+    assert base.assignments().num_rows == int((cluster != NO_CLUSTER).sum())
+
+
+def test_a_store_without_a_base_reads_as_empty(tmp_path):
+    base = RecordBase(tmp_path / "none")
+    assert len(base) == 0
+    assert base.rows_of("cluster", np.array([1, 2])).tolist() == []
+    assert base.contains(np.array([1])).tolist() == [False]
+    assert base.take(np.empty(0, dtype=np.int64)).schema == STORE_SCHEMA
