@@ -201,10 +201,11 @@ class ProfileStore:
     """The store under ``directory``; ``rules``, ``limits`` and ``config_digest`` are the
     configuration its tables are built with (a different digest forces a rebuild)."""
 
-    shard_rows = 500_000
+    shard_rows = 250_000
     """Live records per shard of a full rebuild. Profiles are built and written one shard of
-    clusters at a time, so memory holds the current state once (as Arrow) plus one shard
-    in pandas, and SQLite writes one shard while the next is built."""
+    clusters at a time, so memory holds the current state once (as Arrow) plus about three
+    shards (one being gathered, one built in pandas, one written). 250k keeps a rebuild of
+    ten million records under 4 GB; larger shards save a little time per shard."""
 
     def __init__(self, directory: Path, rules: ConflictRules, limits: IdentityLimits, config_digest: str) -> None:
         self.directory = Path(directory)
@@ -551,7 +552,7 @@ class ProfileStore:
             order = np.argsort(rows, kind="stable")
             ordered = rows[order]
             file_of = np.searchsorted(starts, ordered, side="right") - 1
-            pieces = []
+            pieces: list[pa.Table] = []
             for number in np.unique(file_of):
                 local = ordered[file_of == number] - starts[number]
                 table = pq.read_table(files[number], schema=canonical.CANONICAL_SCHEMA)
@@ -559,16 +560,18 @@ class ProfileStore:
                 pieces.append(_compact(piece) if compact else piece)
                 del table, piece
                 _give_back_memory()  # the whole file's buffers, before the next file
-            if compact:
-                schema = _compact(canonical.CANONICAL_SCHEMA.empty_table()).schema
-                taken = pa.concat_tables(pieces).unify_dictionaries() if pieces else schema.empty_table()
-            else:
-                taken = pa.concat_tables(pieces) if pieces else canonical.CANONICAL_SCHEMA.empty_table()
-            del pieces
+            schema = (_compact if compact else (lambda t: t))(canonical.CANONICAL_SCHEMA.empty_table()).schema
             if len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all()):
-                columns, schema = list(taken.columns), taken.schema
-                del taken  # the list holds the only reference: each column is released as it is copied
-                return _combine(columns, schema)  # asked in file order: nothing to put back
+                # Asked in file order: nothing to put back. The pieces are joined a column at
+                # a time, so the copy costs one column's memory, not the table's.
+                columns = [
+                    pa.chunked_array([c for p in pieces for c in p.column(i).chunks], schema.field(i).type)
+                    for i in range(len(schema))
+                ]
+                del pieces
+                return _combine(columns, schema)
+            taken = pa.concat_tables(pieces).unify_dictionaries() if pieces else schema.empty_table()
+            del pieces
             back = np.empty(len(rows), dtype=np.int64)
             back[order] = np.arange(len(rows))
             return taken.take(pa.array(back)).combine_chunks()
@@ -597,6 +600,7 @@ class ProfileStore:
         clusters = raw_clusters(result)
         lookup = _ProfileLookup(clusters, _sizes(result))
         cluster_of, profile_of, rp_row = _assignment(identity_input, live_keys, result, clusters, identity_input, lookup)
+        profile_of = pc.dictionary_encode(profile_of)  # 9M ids, 1M distinct: a third of the bytes
         del identity_input
         # Each shard rebuilds its slice of record_profiles from its own rows (below): the
         # whole table (a row per record) need not stay in memory through the shards.
@@ -688,7 +692,7 @@ class ProfileStore:
                     meta = {
                         "cluster": cluster_of[rows],
                         "rkey": live_keys[rows],
-                        "profile_id": profile_of.take(pa.array(rows)),
+                        "profile_id": profile_of.take(pa.array(rows)).cast(pa.string()),
                         "okey": okeys[rows],
                     }
                     write(_add_to_base, base, table, meta)
@@ -721,24 +725,26 @@ class ProfileStore:
                     while len([f for f in written if not f.done()]) > 2:
                         next(f for f in written if not f.done()).result()
                 fetcher.shutdown()
-                del live
+                # The per-record arrays are done with: their memory goes before the tail.
+                del live, cluster_of, live_keys, profile_of, rp_row, okeys, key_order, identity_order, identity_shard
                 write(_close_base, base)
                 tick = report.lap("build_profiles_and_write", tick)
                 for future in written:
                     future.result()
+            _give_back_memory()
             tick = report.lap("writer_drain", tick)
             if not outputs:
                 no_profiles = build_profiles(canonical.empty_frame(), result.record_profiles.head(0), self.rules)
                 _create_output_tables(cur, *no_profiles, lookup, self.rules.attributes)
-            counters = [future.result() for future in outputs]
+            counters = pa.concat_tables([future.result() for future in outputs]).to_pandas() if outputs else None
             placed_all = (
-                pd.concat([c[["profile_id", "cluster"]] for c in counters], ignore_index=True)
-                if counters
+                counters[["profile_id", "cluster"]].astype({"profile_id": object})
+                if counters is not None
                 else pd.DataFrame({"profile_id": [], "cluster": []})
             )
             _write_profile_index(cur, placed_all)
-            if counters:
-                _adjust_counters(cur, pd.concat(counters, ignore_index=True), sign=+1)
+            if counters is not None:
+                _adjust_counters(cur, counters, sign=+1)
             report.profiles_written = len(placed_all)
             report.sample_profile_id = _pick_sample(samples)
             tick = report.lap("write_outputs", tick)
@@ -964,21 +970,20 @@ def _close_base(base: BaseWriter) -> None:
 
 def _write_shard_profiles(
     cur, profiles: pd.DataFrame, provenance: pd.DataFrame, lookup: "_ProfileLookup", attributes: tuple[str, ...]
-) -> pd.DataFrame:
+) -> pa.Table:
     """A rebuild shard's profile rows (on the writer thread: the conversion is Arrow work,
     which releases the GIL). Returns each profile's (profile_id, cluster, size, no_email):
     the rows of profile_index and of the counters."""
     rows = _profile_rows(profiles, provenance, lookup, attributes)
     _write_profile_rows(cur, rows)
-    out = pd.DataFrame(
+    return pa.table(
         {
-            "profile_id": rows.column("profile_id").to_numpy(zero_copy_only=False),
-            "cluster": rows.column("cluster").to_numpy(),
-            "size": rows.column("size").to_numpy(),
-            "no_email": rows.column("primary_email").is_null().to_numpy(zero_copy_only=False),
+            "profile_id": rows.column("profile_id"),
+            "cluster": rows.column("cluster"),
+            "size": rows.column("size"),
+            "no_email": rows.column("primary_email").is_null(),
         }
     )
-    return out
 
 
 def _write_profile_rows(cur, table: pa.Table) -> None:
@@ -1116,11 +1121,17 @@ _LOW_CARDINALITY = (
 
 
 def _combine(columns: list, schema: pa.Schema) -> pa.Table:
-    """A table of ``columns`` (chunked), each made one chunk in place: when the list holds
-    the only reference, a column's chunks are released as soon as it is copied, so the copy
-    costs one column's memory, not the table's."""
+    """A table of ``columns`` (chunked), each made one chunk in place (dictionaries
+    unified): when the list holds the only reference, a column's chunks are released as
+    soon as it is copied."""
     for i in range(len(columns)):
-        columns[i] = columns[i].combine_chunks()
+        column = columns[i]
+        columns[i] = None
+        if pa.types.is_dictionary(column.type):
+            column = pa.table({"c": column}).unify_dictionaries().column(0)
+        columns[i] = column.combine_chunks()
+        del column
+        pa.default_memory_pool().release_unused()  # the old chunks, before the next copy
     return pa.Table.from_arrays(columns, schema=schema)
 
 
