@@ -616,8 +616,8 @@ class ProfileStore:
         tick = report.lap("read_live_rows", tick)
         plan = _ShardPlan(cluster_of, okeys, self.shard_rows)
         shard_of = plan.shards(cluster_of)
-        # By cluster: the records table's key order, near enough (a cluster's own rows go to
-        # the same few pages in any order), at a fifth of the cost of sorting by both keys.
+        # By cluster: a cluster's records lie together in the base, so an incremental run
+        # reads them from a few pages (sorting by record key within it would buy nothing).
         key_order = np.argsort(cluster_of)
         by_shard = np.argsort(shard_of[key_order], kind="stable")
         shard_bounds = np.searchsorted(shard_of[key_order][by_shard], np.arange(-1, plan.count + 1))
