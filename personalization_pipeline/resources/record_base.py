@@ -94,13 +94,17 @@ class RecordBase:
         self.directory = directory
         path = directory / "records.arrow"
         if path.exists():
-            self.table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            self.table = pa.Table.from_batches(self._batches, schema=STORE_SCHEMA)
             self._sorted = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _INDEXES}
             self._rows = {name: np.load(directory / f"{name}_rows.npy", mmap_mode="r") for name in _INDEXES}
         else:
+            self._batches = []
             self.table = STORE_SCHEMA.empty_table()
             self._sorted = {name: np.empty(0, dtype=np.int64) for name in _INDEXES}
             self._rows = {name: np.empty(0, dtype=np.int64) for name in _INDEXES}
+        self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches]).astype(np.int64)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -132,16 +136,25 @@ class RecordBase:
         at = np.minimum(np.searchsorted(sorted_keys, rkeys), len(sorted_keys) - 1)
         return np.asarray(sorted_keys[at] == rkeys)
 
-    def take(self, rows: np.ndarray, columns: Optional[list[str]] = None) -> pa.Table:
-        table = self.table if columns is None else self.table.select(columns)
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The rows at ``rows`` (sorted, as ``rows_of`` gives them). Taken batch by batch:
+        a take over the whole chunked table would join the mapped chunks first."""
+        rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
-            return table.schema.empty_table()
-        return table.take(pa.array(rows, pa.int64())).combine_chunks()
+            return STORE_SCHEMA.empty_table()
+        batch_of = np.searchsorted(self._starts, rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(batch_of)) + 1
+        pieces = []
+        for part in np.split(rows, bounds):
+            batch = int(np.searchsorted(self._starts, part[0], side="right") - 1)
+            pieces.append(self._batches[batch].take(pa.array(part - self._starts[batch])))
+        return pa.Table.from_batches(pieces, schema=STORE_SCHEMA).combine_chunks()
 
     def column(self, name: str, rows: np.ndarray) -> np.ndarray:
-        column = self.table.column(name)
+        """An integer column ("rkey", "cluster", "okey") at ``rows``, nulls as NO_CLUSTER."""
         if not len(rows):
             return np.empty(0, dtype=np.int64)
+        column = self.table.column(name)
         return column.take(pa.array(rows, pa.int64())).fill_null(NO_CLUSTER).to_numpy()
 
     def assignments(self) -> pa.Table:
