@@ -22,7 +22,7 @@ Files, under ``<database file>.base/``:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -136,26 +136,28 @@ class RecordBase:
         at = np.minimum(np.searchsorted(sorted_keys, rkeys), len(sorted_keys) - 1)
         return np.asarray(sorted_keys[at] == rkeys)
 
-    def take(self, rows: np.ndarray) -> pa.Table:
-        """The rows at ``rows`` (sorted, as ``rows_of`` gives them). Taken batch by batch:
-        a take over the whole chunked table would join the mapped chunks first."""
+    def _runs(self, rows: np.ndarray) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
+        """(batch, positions in it) for each run of ``rows`` in one mapped batch, in order.
+        Rows are taken batch by batch: a take over the whole chunked table would join the
+        mapped chunks first."""
         rows = np.asarray(rows, dtype=np.int64)
-        if not len(rows):
-            return STORE_SCHEMA.empty_table()
         batch_of = np.searchsorted(self._starts, rows, side="right") - 1
         bounds = np.flatnonzero(np.diff(batch_of)) + 1
-        pieces = []
-        for part in np.split(rows, bounds):
-            batch = int(np.searchsorted(self._starts, part[0], side="right") - 1)
-            pieces.append(self._batches[batch].take(pa.array(part - self._starts[batch])))
+        for part, at in zip(np.split(rows, bounds), np.split(batch_of, bounds)):
+            if len(part):
+                yield self._batches[int(at[0])], pa.array(part - self._starts[at[0]])
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The rows at ``rows``, in that order (fastest sorted, as ``rows_of`` gives them)."""
+        pieces = [batch.take(local) for batch, local in self._runs(rows)]
         return pa.Table.from_batches(pieces, schema=STORE_SCHEMA).combine_chunks()
 
     def column(self, name: str, rows: np.ndarray) -> np.ndarray:
         """An integer column ("rkey", "cluster", "okey") at ``rows``, nulls as NO_CLUSTER."""
-        if not len(rows):
+        parts = [batch.column(name).take(local) for batch, local in self._runs(rows)]
+        if not parts:
             return np.empty(0, dtype=np.int64)
-        column = self.table.column(name)
-        return column.take(pa.array(rows, pa.int64())).fill_null(NO_CLUSTER).to_numpy()
+        return pa.concat_arrays(parts).fill_null(NO_CLUSTER).to_numpy()
 
     def assignments(self) -> pa.Table:
         """(rkey, source, source_record_id, profile_id) of every row with a profile."""

@@ -60,3 +60,15 @@ def test_a_store_without_a_base_reads_as_empty(tmp_path):
     assert base.rows_of("cluster", np.array([1, 2])).tolist() == []
     assert base.contains(np.array([1])).tolist() == [False]
     assert base.take(np.empty(0, dtype=np.int64)).schema == STORE_SCHEMA
+
+
+def test_rows_come_back_in_the_order_asked(tmp_path):
+    writer = BaseWriter(tmp_path / "b")
+    for start in (0, 4, 9):
+        keys = list(range(start * 10, start * 10 + 5))
+        writer.add(rows(keys, [7] * 5, [NO_CLUSTER] * 5))
+    writer.close()
+    base = RecordBase(tmp_path / "b")
+    asked = np.array([14, 0, 3, 9, 10, 2])
+    assert base.take(asked).column("rkey").to_pylist() == base.table.column("rkey").take(pa.array(asked)).to_pylist()
+    assert base.column("rkey", asked).tolist() == base.table.column("rkey").take(pa.array(asked)).to_pylist()
