@@ -119,9 +119,11 @@ _DDL = [
     "create table ledger (source text not null, batch text not null, verdict text not null, content_hash text not null,"
     " rows integer not null, reason text, applied_at text not null, run_id text,"
     " primary key (source, batch, verdict)) without rowid",
-    "create table records (cluster integer not null, rkey integer not null, profile_id text, okey integer, "
+    # The overlay: the base's columns (STORE_SCHEMA), so rows of either read as one table.
+    "create table records ("
     + ", ".join(
-        f"{f.name} {'text' if pa.types.is_string(f.type) else 'integer'}" for f in canonical.CANONICAL_SCHEMA
+        f"{f.name} {'text' if pa.types.is_string(f.type) else 'integer'}{' not null' if f.name in ('cluster', 'rkey') else ''}"
+        for f in STORE_SCHEMA
     )
     + ", primary key (cluster, rkey)) without rowid",
     "create table record_index (rkey integer primary key, cluster integer not null) without rowid",
@@ -392,9 +394,10 @@ class ProfileStore:
             if not okeys:
                 break
             order_seen |= okeys
-            _temp_keys(cur, "o", np.fromiter(okeys, dtype=np.int64))
+            wanted = np.fromiter(okeys, dtype=np.int64, count=len(okeys))
+            _temp_keys(cur, "o", wanted)
             more = _query(cur, "select distinct cluster from records where okey in (select k from temp.o)")
-            in_base = _live_base_rows(cur, base, base.rows_of("okey", np.fromiter(okeys, dtype=np.int64)))
+            in_base = _live_base_rows(cur, base, base.rows_of("okey", wanted))
             extra = set(more.column("cluster").to_pylist()) | set(base.column("cluster", in_base).tolist())
             extra -= touched | {NO_CLUSTER}
             if not extra:
@@ -1521,7 +1524,7 @@ def _fetch_clusters(cur, base: RecordBase, clusters: set[int]) -> tuple[pd.DataF
 
 def _live_base_rows(cur, base: RecordBase, rows: np.ndarray) -> np.ndarray:
     """The base rows not superseded by a later run (their keys are not in ``base_dead``)."""
-    if not len(rows) or _query(cur, "select count(*) as n from (select 1 from base_dead limit 1)").column("n")[0].as_py() == 0:
+    if not len(rows) or not _query(cur, "select exists (select 1 from base_dead) as n").column("n")[0].as_py():
         return rows
     keys = base.column("rkey", rows)
     _temp_keys(cur, "bk", keys)

@@ -31,8 +31,6 @@ import pyarrow.compute as pc
 from personalization_pipeline.core import canonical
 from personalization_pipeline.core.incremental import NO_CLUSTER
 
-_TS = pa.timestamp("us", tz="UTC")
-
 STORE_SCHEMA = pa.schema(
     [
         pa.field("cluster", pa.int64()),
