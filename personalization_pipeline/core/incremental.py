@@ -69,14 +69,52 @@ def record_hashes(frame: pd.DataFrame | pa.Table) -> np.ndarray:
     return _hash_strings(record_keys(frame))
 
 
-def assert_keys_name_one_record(rows: pd.DataFrame | pa.Table, rkeys: np.ndarray) -> None:
+def key_order(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for 64-bit hashes, several times faster on big
+    inputs: the high bits of each key and its position are packed into one integer, which
+    sorts by value (a SIMD sort, not an argsort). Runs that share the high bits (every
+    repeated key, plus a few chance matches) are then put in full-key order."""
+    keys = np.asarray(keys, dtype=np.int64)
+    n = len(keys)
+    if n < 1 << 16:
+        return np.argsort(keys, kind="stable")
+    bits = int(n - 1).bit_length()
+    low = np.uint64((1 << bits) - 1)
+    packed = (keys.view(np.uint64) ^ np.uint64(1 << 63)) & ~low  # unsigned order = signed order
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & low).astype(np.int64)
+    same = (packed[1:] >> np.uint64(bits)) == (packed[:-1] >> np.uint64(bits))
+    del packed
+    # A run of one repeated key is in position order already: only runs mixing keys that
+    # share their high bits (chance matches, a few dozen in ten million) are re-sorted.
+    mixed = same & (keys[order[1:]] != keys[order[:-1]])
+    if mixed.any():
+        in_run = np.zeros(n, dtype=bool)
+        in_run[1:] = same
+        in_run[:-1] |= same  # every position in a run of equal high bits
+        at = np.flatnonzero(in_run)
+        first = np.ones(len(at), dtype=bool)
+        first[1:] = ~same[at[1:] - 1]
+        run = np.cumsum(first)
+        hit = np.isin(run, run[np.searchsorted(at, np.flatnonzero(mixed))])
+        at, run = at[hit], run[hit]
+        members = order[at]
+        order[at] = members[np.lexsort((members, keys[members], run))]
+    return order
+
+
+def assert_keys_name_one_record(rows: pd.DataFrame | pa.Table, rkeys: np.ndarray, order: np.ndarray | None = None) -> None:
     """Rows sharing a 64-bit store key are versions of one (source, source_record_id):
     compared only where keys repeat (a collision was never seen; if it happened the store
-    could not keep the two records apart, so it stops instead of mixing them)."""
+    could not keep the two records apart, so it stops instead of mixing them). ``order``:
+    ``key_order(rkeys)``, if the caller has it."""
     if len(rkeys) < 2:
         return
-    order = np.argsort(rkeys)
-    repeat = np.flatnonzero(rkeys[order][1:] == rkeys[order][:-1])
+    order = key_order(rkeys) if order is None else order
+    ordered = rkeys[order]
+    repeat = np.flatnonzero(ordered[1:] == ordered[:-1])
+    del ordered
     if not len(repeat):
         return
     left, right = pa.array(order[repeat]), pa.array(order[repeat + 1])
@@ -120,7 +158,10 @@ def row_hashes(frame: pd.DataFrame) -> np.ndarray:
 
 
 def latest_versions(
-    frame: pd.DataFrame, codes: np.ndarray, full_rows: Callable[[np.ndarray], pd.DataFrame] | None = None
+    frame: pd.DataFrame,
+    codes: np.ndarray,
+    full_rows: Callable[[np.ndarray], pd.DataFrame] | None = None,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Positions of the one version per record that the current state holds: the largest
     ``observed_at``, then the largest ``received_at``, then the smallest row hash (the
@@ -129,8 +170,8 @@ def latest_versions(
 
     ``codes`` identify the records (the store keys, ``record_hashes``). ``frame`` needs
     only the time columns when ``full_rows`` is given: it returns the whole canonical rows
-    at some positions, which are only needed to break ties. Returns positions sorted by
-    code.
+    at some positions, which are only needed to break ties; ``order``:
+    ``key_order(codes)``, if the caller has it. Returns positions sorted by code.
     """
     n = len(frame)
     if n == 0:
@@ -138,7 +179,7 @@ def latest_versions(
     rkeys = np.asarray(codes, dtype=np.int64)
     # Most records have one version (every event): a sort by key finds them, and only the
     # records with several versions are sorted by time.
-    by_key = np.argsort(rkeys)
+    by_key = key_order(rkeys) if order is None else order
     keys = rkeys[by_key]
     starts = np.ones(n, dtype=bool)
     starts[1:] = keys[1:] != keys[:-1]

@@ -90,6 +90,7 @@ from personalization_pipeline.core.incremental import (
     assert_keys_name_one_record,
     identifier_hashes,
     identifier_owners,
+    key_order,
     latest_versions,
     normalised_identifiers,
     order_keys,
@@ -556,14 +557,17 @@ class ProfileStore:
             ordered = rows[order]
             file_of = np.searchsorted(starts, ordered, side="right") - 1
             pieces: list[pa.Table] = []
+            schema = _COMPACT_SCHEMA if compact else canonical.CANONICAL_SCHEMA
             for number in np.unique(file_of):
                 local = ordered[file_of == number] - starts[number]
-                table = pq.read_table(files[number], schema=canonical.CANONICAL_SCHEMA)
-                piece = table.take(pa.array(local))
-                pieces.append(_compact(piece) if compact else piece)
-                del table, piece
+                table = _read_staged(files[number], compact)
+                if len(local) < table.num_rows:  # else every row (an events file): no copy
+                    keep = np.zeros(table.num_rows, dtype=bool)
+                    keep[local] = True
+                    table = table.filter(pa.array(keep))
+                pieces.append(table)
+                del table
                 _give_back_memory()  # the whole file's buffers, before the next file
-            schema = (_compact if compact else (lambda t: t))(canonical.CANONICAL_SCHEMA.empty_table()).schema
             if len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all()):
                 # Asked in file order: nothing to put back. The pieces are joined a column at
                 # a time, so the copy costs one column's memory, not the table's.
@@ -585,9 +589,13 @@ class ProfileStore:
         report.batches_applied = int((manifest["verdict"] == "passed").sum())
         report.batches_held = held_batches(manifest)
         rkeys = record_hashes(keys)
-        assert_keys_name_one_record(keys, rkeys)
+        by_key = key_order(rkeys)  # one sort for both
+        assert_keys_name_one_record(keys, rkeys, by_key)
         times = keys.select(["observed_at", "received_at"]).to_pandas()
-        winners = latest_versions(times, rkeys, full_rows=lambda rows: read_rows(rows).to_pandas(types_mapper=mapper))
+        winners = latest_versions(
+            times, rkeys, full_rows=lambda rows: read_rows(rows).to_pandas(types_mapper=mapper), order=by_key
+        )
+        del by_key
         deleted = keys.column("is_deleted").fill_null(False).to_numpy(zero_copy_only=False)[winners]
         # In file order, so the second pass reads each file once and needs no reordering.
         live_rows, dead_rows = np.sort(winners[~deleted]), np.sort(winners[deleted])
@@ -621,10 +629,10 @@ class ProfileStore:
         shard_of = plan.shards(cluster_of)
         # By cluster: a cluster's records lie together in the base, so an incremental run
         # reads them from a few pages (sorting by record key within it would buy nothing).
-        key_order = np.argsort(cluster_of)
-        by_shard = np.argsort(shard_of[key_order], kind="stable")
-        shard_bounds = np.searchsorted(shard_of[key_order][by_shard], np.arange(-1, plan.count + 1))
-        key_order = key_order[by_shard]  # shard by shard (-1 first), each in key order
+        placement = key_order(cluster_of)
+        by_shard = np.argsort(shard_of[placement], kind="stable")
+        shard_bounds = np.searchsorted(shard_of[placement][by_shard], np.arange(-1, plan.count + 1))
+        placement = placement[by_shard]  # shard by shard (-1 first), each in cluster order
         del shard_of, by_shard
         identity = result.identity_map
         identity_cluster = lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
@@ -684,7 +692,7 @@ class ProfileStore:
                 def gather(shard: int) -> tuple[np.ndarray, pa.Table]:
                     """A shard's rows, in key order. Arrow's gather releases the GIL, so a
                     second thread gathers shard k + 1 while this one builds shard k."""
-                    rows = key_order[shard_bounds[shard + 1] : shard_bounds[shard + 2]]
+                    rows = placement[shard_bounds[shard + 1] : shard_bounds[shard + 2]]
                     return rows, _expand(live.take(pa.array(rows)))
 
                 upcoming = fetcher.submit(gather, -1)
@@ -729,7 +737,7 @@ class ProfileStore:
                         next(f for f in written if not f.done()).result()
                 fetcher.shutdown()
                 # The per-record arrays are done with: their memory goes before the tail.
-                del live, cluster_of, live_keys, profile_of, rp_row, okeys, key_order, identity_order, identity_shard
+                del live, cluster_of, live_keys, profile_of, rp_row, okeys, placement, identity_order, identity_shard
                 write(_close_base, base)
                 tick = report.lap("build_profiles_and_write", tick)
                 for future in written:
@@ -1144,6 +1152,22 @@ def _compact(table: pa.Table) -> pa.Table:
         at = table.schema.get_field_index(name)
         table = table.set_column(at, name, pc.dictionary_encode(table.column(name)))
     return table
+
+
+_COMPACT_SCHEMA = _compact(canonical.CANONICAL_SCHEMA.empty_table()).schema
+
+
+def _read_staged(path: Path, compact: bool = False) -> pa.Table:
+    """A staged file's canonical rows; ``compact``: as ``_compact`` makes them, with the
+    low-cardinality columns read straight into dictionaries (Parquet stores them
+    dictionary-encoded: three times faster than decoding the strings and encoding them
+    again). A file written with another schema is read the long way."""
+    if compact:
+        table = pq.read_table(path, read_dictionary=list(_LOW_CARDINALITY))
+        if table.schema.equals(_COMPACT_SCHEMA):
+            return table
+    table = pq.read_table(path, schema=canonical.CANONICAL_SCHEMA)
+    return _compact(table) if compact else table
 
 
 def _expand(table: pa.Table) -> pa.Table:
