@@ -129,12 +129,17 @@ class IdentityResult:
     - ``conflicts``: the rejected edges, in the canonical edge order, with the limit that
       rejected them.
     - ``components``: one row per profile with its identifier counts, sorted by profile_id.
+    - ``record_rows`` and ``record_ranks``, for each row of ``record_profiles``: its
+      record's row in the frame resolved, and its profile's row in ``components``. They
+      let a caller join records to profiles by position (the profile store does).
     """
 
     identity_map: pd.DataFrame
     record_profiles: pd.DataFrame
     conflicts: pd.DataFrame
     components: pd.DataFrame
+    record_rows: np.ndarray | None = None
+    record_ranks: np.ndarray | None = None
 
 
 def current_state(history: pd.DataFrame, sort: bool = False) -> pd.DataFrame:
@@ -377,7 +382,14 @@ def _resolve(
             "first_seen": first_seen_column,
         }
     )
-    return IdentityResult(identity_map, record_profiles.result(), conflicts, components)
+    return IdentityResult(
+        identity_map,
+        record_profiles.result(),
+        conflicts,
+        components,
+        record_rows=in_record_order.result()[0],
+        record_ranks=profile_rank[record_labels.result()],
+    )
 
 
 def profile_id_changes(

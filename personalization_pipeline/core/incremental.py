@@ -69,6 +69,11 @@ def record_hashes(frame: pd.DataFrame | pa.Table) -> np.ndarray:
     return _hash_strings(record_keys(frame))
 
 
+def profile_hashes(profile_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The store's key of each profile id: a 64-bit hash (a lookup compares the ids too)."""
+    return _hash_strings(profile_ids.cast(pa.large_string())) if len(profile_ids) else np.empty(0, dtype=np.int64)
+
+
 def key_order(keys: np.ndarray) -> np.ndarray:
     """``np.argsort(keys, kind="stable")`` for 64-bit hashes, several times faster on big
     inputs: the high bits of each key and its position are packed into one integer, which

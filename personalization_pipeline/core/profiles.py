@@ -73,6 +73,7 @@ def build_profiles(
     record_profiles: pd.DataFrame,
     rules: ConflictRules,
     identity_map: pd.DataFrame | None = None,
+    assignment: tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray | None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build (resolved_profiles, provenance) from the current state.
 
@@ -97,6 +98,13 @@ def build_profiles(
     ``provenance``: one row per profile and attribute that has a winner: ``profile_id,
     attribute, value, source, source_record_id, observed_at, tier`` (0-based index into
     the attribute's tiers), sorted by (attribute, profile_id).
+
+    ``assignment``: the join of records to profiles, when the caller has it (a full
+    rebuild knows every record's profile and the order of all profile ids):
+    ``(rows, codes, profile_ids, map_codes)``, the row in ``current`` of each record
+    ``record_profiles`` lists, in its order, and that record's profile code; the sorted
+    distinct profile ids the codes index (every profile of ``identity_map`` among them);
+    the code of each ``identity_map`` row. ``record_profiles`` is then not read.
     """
     current = current.reset_index(drop=True)
     rule_columns = sorted(
@@ -112,12 +120,13 @@ def build_profiles(
     # ``record_profiles`` and which values are blank in every column the rules read are
     # worked out on other threads while the profile ids are coded.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        aligned = pool.submit(aligned_rows_of, current, record_profiles)
         blank_checks = {
             column: pool.submit(_non_blank, _arrow_strings(current[column]))
             for column in rule_columns
         }
-        assignment = _assign(current, record_profiles, identity_map, aligned.result)
+        if assignment is None:
+            aligned = pool.submit(aligned_rows_of, current, record_profiles)
+            assignment = _assign(current, record_profiles, identity_map, aligned.result)
         non_blank = {column: future.result() for column, future in blank_checks.items()}
     rows, profile_of_row, profile_ids, map_profiles = assignment
     n_profiles = len(profile_ids)
@@ -254,18 +263,24 @@ def _profile_codes_from_numbers(
     if len(universe) > 1:
         universe = universe[np.concatenate([[True], universe[1:] != universe[:-1]])]
     codes = [positions_in(universe, part) for part in parts]
-    text = np.empty((len(universe), 18), dtype=np.uint8)
+    profile_ids = profile_ids_of_numbers(universe)
+    return codes[0], (codes[1] if map_numbers is not None else None), profile_ids
+
+
+def profile_ids_of_numbers(numbers: np.ndarray) -> pa.Array:
+    """The inverse of ``profile_numbers_arrow``: ``p_`` + 16 hex digits of each number."""
+    numbers = np.asarray(numbers, dtype=np.uint64)
+    text = np.empty((len(numbers), 18), dtype=np.uint8)
     text[:, 0], text[:, 1] = ord("p"), ord("_")
-    digits = universe.astype(">u8").view(np.uint8).reshape(-1, 8)
+    digits = numbers.astype(">u8").view(np.uint8).reshape(-1, 8)
     hex_digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
     text[:, 2::2] = hex_digits[digits >> 4]
     text[:, 3::2] = hex_digits[digits & 15]
-    profile_ids = pa.LargeStringArray.from_buffers(
-        len(universe),
-        pa.py_buffer(np.arange(len(universe) + 1, dtype=np.int64) * 18),
+    return pa.LargeStringArray.from_buffers(
+        len(numbers),
+        pa.py_buffer(np.arange(len(numbers) + 1, dtype=np.int64) * 18),
         pa.py_buffer(text.tobytes()),
     )
-    return codes[0], (codes[1] if map_numbers is not None else None), profile_ids
 
 
 def positions_in(universe: np.ndarray, needles: np.ndarray) -> np.ndarray:

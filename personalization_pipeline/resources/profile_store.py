@@ -16,12 +16,15 @@ moves Arrow tables in and out without a Python object per value. Why SQLite:
   consistent snapshot while a writer works (WAL);
 - it is a file next to the lake: nothing more to run.
 
-Records are the exception: the full rebuild writes them to a record base
-(``resources/record_base.py``: an Arrow IPC file and sorted key arrays next to the
-database), because SQLite's inserts made ten million records half the rebuild's time. The
-base never changes; an incremental run writes the records it changes to ``records`` (the
-overlay) and the keys of the base rows they supersede to ``base_dead``, in its transaction.
-A record's current row is its overlay row, else its base row unless superseded.
+What a full rebuild computes is the exception: it writes records, the identity map and
+the profiles to a base (``resources/record_base.py``: Arrow IPC files and sorted key
+arrays next to the database), because SQLite's inserts made them two thirds of the
+rebuild's time. The base never changes. An incremental run writes what it changes to the
+tables below (the overlay) and marks what those supersede, in its transaction: the keys of
+base records in ``base_dead``, and the clusters it recomputed in ``base_dead_clusters``
+(their identifiers and profiles in the base are superseded as a whole). A record's current
+row is its overlay row, else its base row unless superseded; a cluster's identifiers and
+profiles are the overlay's if the cluster is marked, else the base's.
 
 The full rebuild writes a new database file and base and switches ``CURRENT`` to them with
 an atomic rename, so readers never see a half-built store. It reads the staged history
@@ -32,17 +35,17 @@ share a shard, so every shard's profiles are exactly what one pass over everythi
 A thread gathers shard k + 1 while the main thread builds shard k and a writer thread
 writes shard k - 1.
 
-Tables:
+Tables (the overlay; the base holds the same columns for records, identifiers, profiles):
   records      records written since the rebuild (tombstones too), with cluster and profile
   record_index record key -> cluster, for the rows of ``records``
   base_dead    keys of base records superseded since the rebuild
-  identifiers  the identity map: identifier -> profile, first_seen, by cluster
-  identifier_index  identifier key -> cluster (a 64-bit hash: a collision only adds a cluster)
-  profile_index     profile_id -> cluster (lookups by id)
+  base_dead_clusters  clusters whose base identifiers and profiles are superseded
+  identifiers  the identity map: identifier -> profile, first_seen, by cluster (and by
+               identifier key, a 64-bit hash: a collision only adds a cluster)
   conflicts    rejected edges, by cluster
-  profiles     resolved_profiles by (cluster, profile_id), with its identifier count and the
-               provenance of each attribute as columns (<attribute>__source, __record,
-               __observed_at, __tier): one row, so one page, per profile
+  profiles     resolved_profiles by (cluster, profile_id) (and by profile_id), with its
+               identifier count and the provenance of each attribute as columns
+               (<attribute>__source, __record, __observed_at, __tier): one row per profile
   changes      every profile_id change (old -> new), when and in which run
   component_sizes  how many profiles have each identifier count (the largest-component check)
   stats        per run: profiles, profiles without email, conflicts, largest component
@@ -82,7 +85,6 @@ from personalization_pipeline.core.identity import (
     IdentityLimits,
     IdentityResult,
     profile_id_changes,
-    record_keys,
     resolve_identities,
 )
 from personalization_pipeline.core.incremental import (
@@ -94,20 +96,27 @@ from personalization_pipeline.core.incremental import (
     latest_versions,
     normalised_identifiers,
     order_keys,
+    profile_hashes,
     raw_clusters,
     record_hashes,
 )
 from personalization_pipeline.core.profiles import (
     PROVENANCE_COLUMNS,
-    aligned_rows_of,
     build_profiles,
     positions_in,
     profile_numbers_arrow,
 )
 from personalization_pipeline.core.rules import ConflictRules
-from personalization_pipeline.resources.record_base import STORE_SCHEMA, BaseWriter, RecordBase, base_directory
+from personalization_pipeline.resources.record_base import (
+    IDENTIFIER_SCHEMA,
+    STORE_SCHEMA,
+    BaseTable,
+    StoreBase,
+    StoreBaseWriter,
+    base_directory,
+)
 
-FORMAT = 2
+FORMAT = 3
 _TS = pa.timestamp("us", tz="UTC")
 _IDENTITY_COLUMNS = ["source", "source_record_id", "observed_at", *canonical.IDENTIFIER_TYPES]
 """The columns identity resolution reads."""
@@ -132,9 +141,7 @@ _DDL = [
     " ikey integer not null, profile_id text not null, first_seen integer,"
     " primary key (cluster, identifier_type, identifier_value)) without rowid",
     "create table base_dead (rkey integer primary key) without rowid",
-    "create table identifier_index (ikey integer not null, cluster integer not null, primary key (ikey, cluster))"
-    " without rowid",
-    "create table profile_index (profile_id text primary key, cluster integer not null) without rowid",
+    "create table base_dead_clusters (cluster integer primary key) without rowid",
     "create table conflicts (cluster integer not null, from_type text, from_value text, to_type text,"
     " to_value text, reason text, trust_source text, first_seen integer)",
     "create table changes (changed_at text not null, run_id text, old_profile_id text, new_profile_id text)",
@@ -144,12 +151,14 @@ _DDL = [
 ]
 _INDEXES = [
     "create index records_okey on records (okey) where okey is not null",
+    "create index identifiers_ikey on identifiers (ikey)",
     "create index conflicts_cluster on conflicts (cluster)",
 ]
 """Few on purpose: an incremental run's cost is mostly the B-tree pages it reads and dirties,
-so the big tables are clustered by identity cluster (a cluster's records, identifiers and
-profiles sit together and are read and rewritten as one range) and have no other index;
-small key -> cluster tables serve lookups and change only when keys appear or move."""
+so the overlay tables are clustered by identity cluster (a cluster's records, identifiers
+and profiles sit together and are read and rewritten as one range), with one index each
+for the other lookups (records by order key, identifiers by key, profiles by id: made
+with the profiles table, whose columns follow the rules)."""
 
 
 class StoreError(RuntimeError):
@@ -314,7 +323,7 @@ class ProfileStore:
             started = time.perf_counter()
             manifest = lake.batches()
             conn, cur = self._connect(path)
-            base = RecordBase(base_directory(path))
+            base = StoreBase(base_directory(path))
             try:
                 ledger = _query(cur, "select source, batch, verdict, content_hash from ledger").to_pandas()
                 todo, held = self._pending(manifest, ledger)
@@ -346,7 +355,7 @@ class ProfileStore:
             report.seconds = time.perf_counter() - started
             return report
 
-    def _apply_rows(self, cur, base: RecordBase, new: pd.DataFrame, report: ApplyReport, run_id: Optional[str]) -> None:
+    def _apply_rows(self, cur, base: StoreBase, new: pd.DataFrame, report: ApplyReport, run_id: Optional[str]) -> None:
         tick = time.perf_counter()
         rkeys = record_hashes(new)
         assert_keys_name_one_record(new, rkeys)
@@ -361,7 +370,10 @@ class ProfileStore:
             "select r.* from temp.k join record_index i on i.rkey = temp.k.k "
             "join records r on r.cluster = i.cluster and r.rkey = i.rkey",
         )
-        stored_table = _with_base(stored_table, base, _live_base_rows(cur, base, base.rows_of("rkey", incoming_keys)))
+        records_base = base.records
+        stored_table = _with_base(
+            stored_table, records_base, _live_base_rows(cur, records_base, records_base.rows_of("rkey", incoming_keys))
+        )
         stored, stored_meta = _records_from_store(stored_table)
         tick = report.lap("find_stored_versions", tick)
 
@@ -379,12 +391,12 @@ class ProfileStore:
         replaced = np.isin(stored_meta["rkey"], changed_keys)
         touched = set(stored_meta["cluster"][replaced].tolist())
         live_changed = changed[~changed["is_deleted"].fillna(False).to_numpy(dtype=bool)]
-        touched |= _identifier_clusters(cur, live_changed)
+        touched |= _identifier_clusters(cur, base.identifiers, live_changed)
         touched.discard(NO_CLUSTER)
 
         # Every record of the touched clusters, and of clusters that share an order with them.
         tick = report.lap("find_clusters", tick)
-        records, records_meta = _fetch_clusters(cur, base, touched)
+        records, records_meta = _fetch_clusters(cur, records_base, touched)
         tick = report.lap("fetch_records", tick)
         order_seen: set[int] = set()
         while True:
@@ -398,13 +410,13 @@ class ProfileStore:
             wanted = np.fromiter(okeys, dtype=np.int64, count=len(okeys))
             _temp_keys(cur, "o", wanted)
             more = _query(cur, "select distinct cluster from records where okey in (select k from temp.o)")
-            in_base = _live_base_rows(cur, base, base.rows_of("okey", wanted))
-            extra = set(more.column("cluster").to_pylist()) | set(base.column("cluster", in_base).tolist())
+            in_base = _live_base_rows(cur, records_base, records_base.rows_of("okey", wanted))
+            extra = set(more.column("cluster").to_pylist()) | set(records_base.column("cluster", in_base).tolist())
             extra -= touched | {NO_CLUSTER}
             if not extra:
                 break
             touched |= extra
-            more_records, more_meta = _fetch_clusters(cur, base, extra)
+            more_records, more_meta = _fetch_clusters(cur, records_base, extra)
             records = pd.concat([records, more_records], ignore_index=True)
             records_meta = {k: np.concatenate([records_meta[k], more_meta[k]]) for k in records_meta}
         report.clusters_touched = len(touched)
@@ -418,7 +430,7 @@ class ProfileStore:
         profiles, provenance = build_profiles(subset, result.record_profiles, self.rules, identity_map=result.identity_map)
         clusters = raw_clusters(result)
         lookup = _ProfileLookup(clusters, _sizes(result))
-        cluster_of, profile_of, _ = _assignment(subset, subset_keys, result, clusters, lookup=lookup)
+        cluster_of, profile_of, _ = _assignment(len(subset), result, clusters)
         tick = report.lap("recompute", tick)
         assignment = (cluster_of, profile_of.to_numpy(zero_copy_only=False).astype(object))
 
@@ -442,7 +454,7 @@ class ProfileStore:
         cur.execute("delete from records where (cluster, rkey) in (select c, k from temp.d)")
         # A base row is never rewritten: its key goes to base_dead, and its new version (if
         # any) to the overlay, below.
-        _temp_keys(cur, "bd", gone_keys[base.contains(gone_keys)])
+        _temp_keys(cur, "bd", gone_keys[records_base.contains("rkey", gone_keys)])
         cur.execute("insert or ignore into base_dead (rkey) select k from temp.bd")
         stay = set(moved.loc[~gone, "rkey"].tolist())
         rewrite = ~np.isin(subset_keys, np.fromiter(stay, dtype=np.int64, count=len(stay)))
@@ -465,24 +477,41 @@ class ProfileStore:
         report.records_written = written.num_rows
         tick = report.lap("write_records", tick)
 
-        # Identity map, conflicts and profiles of the touched clusters: the old rows are read
-        # by cluster (one range each); identifier rows are rewritten only where they changed,
-        # the clusters' profiles and conflicts are replaced.
-        _temp_keys(cur, "t", np.fromiter(touched, dtype=np.int64, count=len(touched)))
-        old_identifiers = _query(
-            cur,
-            "select i.cluster, i.identifier_type, i.identifier_value, i.ikey, i.profile_id, i.first_seen "
-            "from temp.t join identifiers i on i.cluster = temp.t.k",
-        ).to_pandas()
-        old_profiles = _query(
+        # Identity map, conflicts and profiles of the touched clusters: replaced as a whole.
+        # The old profiles (the overlay's and the base's not yet superseded) are read by
+        # cluster for the counters; the clusters' base rows are then marked superseded.
+        touched_keys = np.fromiter(touched, dtype=np.int64, count=len(touched))
+        _temp_keys(cur, "t", touched_keys)
+        overlay_profiles = _query(
             cur,
             "select p.profile_id, p.cluster, p.size, p.primary_email is null as no_email "
             "from temp.t join profiles p on p.cluster = temp.t.k",
         ).to_pandas()
-        cur.execute("delete from profiles where cluster in (select k from temp.t)")
-        cur.execute("delete from conflicts where cluster in (select k from temp.t)")
+        rows = _live_cluster_rows(cur, base.profiles, base.profiles.rows_of("cluster", touched_keys))
+        in_base = base.profiles.take(rows, ["profile_id", "cluster", "size", "primary_email"])
+        old_profiles = pd.concat(
+            [
+                overlay_profiles.astype({"profile_id": object, "cluster": np.int64, "size": np.int64, "no_email": bool}),
+                pd.DataFrame(
+                    {
+                        "profile_id": in_base.column("profile_id").to_numpy(zero_copy_only=False).astype(object),
+                        "cluster": in_base.column("cluster").to_numpy(),
+                        "size": in_base.column("size").to_numpy(),
+                        "no_email": in_base.column("primary_email").is_null().to_numpy(zero_copy_only=False),
+                    }
+                ),
+            ],
+            ignore_index=True,
+        )
+        for table in ("profiles", "identifiers", "conflicts"):
+            cur.execute(f"delete from {table} where cluster in (select k from temp.t)")
+        based = base.profiles.contains("cluster", touched_keys) | base.identifiers.contains("cluster", touched_keys)
+        _temp_keys(cur, "tb", touched_keys[based])
+        cur.execute("insert or ignore into base_dead_clusters (cluster) select k from temp.tb")
         _adjust_counters(cur, old_profiles, sign=-1)
-        self._write_outputs(cur, result, lookup, profiles, provenance, old_identifiers, old_profiles)
+        _write_identity(cur, result, lookup)
+        if len(profiles):
+            _write_profile_rows(cur, _profile_rows(profiles, provenance, lookup, self.rules.attributes))
         _adjust_counters(cur, _new_counters(profiles, lookup), sign=+1)
         report.profiles_written = len(profiles)
         report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
@@ -503,24 +532,6 @@ class ProfileStore:
         report.profile_id_changes = len(changes)
         _append_changes(cur, changes, run_id)
         report.lap("profile_id_changes", tick)
-
-    def _write_outputs(
-        self,
-        cur,
-        result: IdentityResult,
-        lookup: "_ProfileLookup",
-        profiles: pd.DataFrame,
-        provenance: pd.DataFrame,
-        old_identifiers: Optional[pd.DataFrame] = None,
-        old_profiles: Optional[pd.DataFrame] = None,
-    ) -> None:
-        """Write the identity map, conflicts and profiles of the recomputed clusters. With the
-        old rows (an incremental run) only identifier rows and index entries that changed
-        are deleted and inserted; the clusters' profiles were deleted by the caller."""
-        _write_identity(cur, result, lookup, old_identifiers)
-        if len(profiles):
-            _write_profile_rows(cur, _profile_rows(profiles, provenance, lookup, self.rules.attributes))
-        _write_profile_index(cur, _placed(profiles, lookup), old_profiles)
 
     # -- full rebuild --------------------------------------------------------------------
 
@@ -610,12 +621,13 @@ class ProfileStore:
         tick = report.lap("resolve_identities", tick)
         clusters = raw_clusters(result)
         lookup = _ProfileLookup(clusters, _sizes(result))
-        cluster_of, profile_of, rp_row = _assignment(identity_input, live_keys, result, clusters, identity_input, lookup)
-        profile_of = pc.dictionary_encode(profile_of)  # 9M ids, 1M distinct: a third of the bytes
+        # Each record's profile id, dictionary-encoded: 9M ids, 1M distinct.
+        cluster_of, profile_of, rp_row = _assignment(len(identity_input), result, clusters)
         del identity_input
         # Each shard rebuilds its slice of record_profiles from its own rows (below): the
         # whole table (a row per record) need not stay in memory through the shards.
         result.record_profiles = result.record_profiles.head(0)
+        result.record_rows = result.record_ranks = None
         _give_back_memory()
         # The live rows stay in memory until their shard is written: low-cardinality text
         # (sources, kinds, names, cities...) is kept dictionary-encoded, about half the
@@ -647,7 +659,7 @@ class ProfileStore:
         previous = self.current_path()
         path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
         _create(path)
-        base = BaseWriter(base_directory(path))
+        base = StoreBaseWriter(base_directory(path))
         conn, cur = self._connect(path)
         try:
             # A new file no reader knows yet: no journal while it is filled (if the run dies,
@@ -684,38 +696,34 @@ class ProfileStore:
                     "rkey": dead_keys,
                     "profile_id": pa.nulls(len(dead_keys), pa.string()),
                 }
-                write(_add_to_base, base, dead, tombstones)
+                write(_add_to_base, base.records, dead, tombstones)
                 del dead
-                write(_write_identity, cur, result, lookup, None, identity_cluster)
+                write(_identity_to_base, base.identifiers, cur, result, lookup, identity_cluster)
                 outputs, samples = [], []
 
-                def gather(shard: int) -> tuple[np.ndarray, pa.Table]:
-                    """A shard's rows, in key order. Arrow's gather releases the GIL, so a
-                    second thread gathers shard k + 1 while this one builds shard k."""
+                def gather(shard: int) -> tuple:
+                    """A shard's rows in key order, as the base takes them and as pandas
+                    for ``build_profiles``, with its join to profiles: on a second thread
+                    (Arrow's gather and conversion release the GIL) while this one builds
+                    the shard before."""
                     rows = placement[shard_bounds[shard + 1] : shard_bounds[shard + 2]]
-                    return rows, _expand(live.take(pa.array(rows)))
-
-                upcoming = fetcher.submit(gather, -1)
-                for shard in range(-1, plan.count):  # -1: records with no usable identifier
-                    rows, table = upcoming.result()
-                    if shard + 1 < plan.count:
-                        upcoming = fetcher.submit(gather, shard + 1)
+                    table = _expand(live.take(pa.array(rows)))
                     meta = {
                         "cluster": cluster_of[rows],
                         "rkey": live_keys[rows],
                         "profile_id": profile_of.take(pa.array(rows)).cast(pa.string()),
                         "okey": okeys[rows],
                     }
-                    write(_add_to_base, base, table, meta)
                     if shard < 0 or not len(rows):
-                        continue
+                        return rows, table, meta, None, None, None
                     frame = table.to_pandas(types_mapper=mapper)
-                    del table
-                    # The shard's rows of record_profiles, in its own order (record order),
-                    # so build_profiles matches records to it by position, not by a join.
+                    # The shard's records with a profile, in record_profiles' order.
                     assigned = rp_row[rows]
                     local = np.flatnonzero(assigned >= 0)
                     local = local[np.argsort(assigned[local])]
+                    identity_rows = identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]
+                    if codes is not None:
+                        return rows, table, meta, frame, None, codes.for_shard(rows, local, identity_rows)
                     shard_rp = pd.DataFrame(
                         {
                             "source": frame["source"].iloc[local].reset_index(drop=True),
@@ -723,12 +731,28 @@ class ProfileStore:
                             "profile_id": _str_column(meta["profile_id"].take(pa.array(local))),
                         }
                     )
+                    return rows, table, meta, frame, shard_rp, None
+
+                codes = _ShardCodes.of(profile_of, result)
+                upcoming = fetcher.submit(gather, -1)
+                for shard in range(-1, plan.count):  # -1: records with no usable identifier
+                    rows, table, meta, frame, shard_rp, assignment = upcoming.result()
+                    if shard + 1 < plan.count:
+                        upcoming = fetcher.submit(gather, shard + 1)
+                    write(_add_to_base, base.records, table, meta)
+                    del table
+                    if frame is None:
+                        continue
                     shard_identity = identity.iloc[identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]]
-                    profiles, provenance = build_profiles(frame, shard_rp, self.rules, identity_map=shard_identity)
-                    del frame
+                    profiles, provenance = build_profiles(
+                        frame, shard_rp, self.rules, identity_map=shard_identity, assignment=assignment
+                    )
+                    del frame, shard_rp, assignment
                     if not samples:
                         write(_create_output_tables, cur, profiles, provenance, lookup, self.rules.attributes)
-                    outputs.append(write(_write_shard_profiles, cur, profiles, provenance, lookup, self.rules.attributes))
+                    outputs.append(
+                        write(_shard_profiles_to_base, base.profiles, profiles, provenance, lookup, self.rules.attributes)
+                    )
                     samples.append(_sample_candidates(profiles))
                     del profiles, provenance
                     _give_back_memory()  # the shard's pandas blocks, before the next one
@@ -737,26 +761,20 @@ class ProfileStore:
                         next(f for f in written if not f.done()).result()
                 fetcher.shutdown()
                 # The per-record arrays are done with: their memory goes before the tail.
-                del live, cluster_of, live_keys, profile_of, rp_row, okeys, placement, identity_order, identity_shard
-                write(_close_base, base)
+                del live, cluster_of, live_keys, profile_of, rp_row, okeys, placement, identity_order, identity_shard, codes
+                no_profiles = build_profiles(canonical.empty_frame(), result.record_profiles.head(0), self.rules)
+                write(_close_base, base, _profile_base_rows(*no_profiles, lookup, self.rules.attributes).schema)
                 tick = report.lap("build_profiles_and_write", tick)
                 for future in written:
                     future.result()
             _give_back_memory()
             tick = report.lap("writer_drain", tick)
             if not outputs:
-                no_profiles = build_profiles(canonical.empty_frame(), result.record_profiles.head(0), self.rules)
                 _create_output_tables(cur, *no_profiles, lookup, self.rules.attributes)
             counters = pa.concat_tables([future.result() for future in outputs]).to_pandas() if outputs else None
-            placed_all = (
-                counters[["profile_id", "cluster"]].astype({"profile_id": object})
-                if counters is not None
-                else pd.DataFrame({"profile_id": [], "cluster": []})
-            )
-            _write_profile_index(cur, placed_all)
             if counters is not None:
                 _adjust_counters(cur, counters, sign=+1)
-            report.profiles_written = len(placed_all)
+            report.profiles_written = len(counters) if counters is not None else 0
             report.sample_profile_id = _pick_sample(samples)
             tick = report.lap("write_outputs", tick)
             for statement in _INDEXES:
@@ -792,37 +810,20 @@ class ProfileStore:
     def profiles(self, profile_ids: Optional[list[str]] = None) -> pd.DataFrame:
         """resolved_profiles (all, or the given ids), in the columns and dtypes
         ``core.profiles.build_profiles`` returns, sorted by profile_id."""
-        with self.reader() as cur:
+        with self._snapshot() as (cur, path):
             kinds = self._kinds(cur)
-            columns = ", ".join(kinds)
-            if profile_ids is None:
-                table = _query(cur, f"select {columns} from profiles order by profile_id")
-            else:
-                _temp_strings(cur, "p", list(profile_ids))
-                table = _query(
-                    cur,
-                    f"select {', '.join('p.' + c for c in kinds)} from temp.p join profile_index x on x.profile_id = temp.p.k "
-                    "join profiles p on p.cluster = x.cluster and p.profile_id = x.profile_id order by p.profile_id",
-                )
-        return _frame_from_store(table, kinds)
+            table = _profile_table(cur, StoreBase(base_directory(path)).profiles, list(kinds), profile_ids)
+        return _frame_from_store(table.sort_by("profile_id"), kinds)
 
     def provenance(self, profile_id: Optional[str] = None) -> pd.DataFrame:
         """profile_attribute_provenance (all, or one profile's): one row per profile and
         attribute with a winner, sorted by (attribute, profile_id)."""
         attributes = list(self.rules.attributes)
-        with self.reader() as cur:
+        with self._snapshot() as (cur, path):
             wanted = ["profile_id"] + [f"{a}{suffix}" for a in attributes for suffix in _PROVENANCE_SUFFIXES]
             wanted += attributes
-            columns = ", ".join(wanted)
-            if profile_id is None:
-                table = _query(cur, f"select {columns} from profiles")
-            else:
-                _temp_strings(cur, "p", [profile_id])
-                table = _query(
-                    cur,
-                    f"select {', '.join('p.' + c for c in wanted)} from temp.p join profile_index x on x.profile_id = temp.p.k "
-                    "join profiles p on p.cluster = x.cluster and p.profile_id = x.profile_id",
-                )
+            profiles = StoreBase(base_directory(path)).profiles
+            table = _profile_table(cur, profiles, wanted, None if profile_id is None else [profile_id])
         parts = []
         for attribute in attributes:
             source = table.column(f"{attribute}__source").cast(pa.string())
@@ -851,9 +852,11 @@ class ProfileStore:
         return out.reset_index(drop=True)[list(PROVENANCE_COLUMNS)]
 
     def identity_map(self) -> pd.DataFrame:
-        with self.reader() as cur:
-            table = _query(cur, "select identifier_type, identifier_value, profile_id, first_seen from identifiers")
-        frame = _frame_from_store(table, {"first_seen": "ts"})
+        columns = ["identifier_type", "identifier_value", "profile_id", "first_seen"]
+        with self._snapshot() as (cur, path):
+            overlay = _query(cur, f"select {', '.join(columns)} from identifiers")
+            base = _live_base_table(cur, StoreBase(base_directory(path)).identifiers, columns)
+        frame = _frame_from_store(_overlay_and_base(overlay, base), {"first_seen": "ts"})
         return frame.sort_values(["profile_id", "identifier_type", "identifier_value"], kind="stable").reset_index(drop=True)
 
     def conflicts(self) -> pd.DataFrame:
@@ -878,12 +881,14 @@ class ProfileStore:
         return table.to_pandas()
 
     def counts(self) -> dict[str, int]:
-        with self.reader() as cur:
+        with self._snapshot() as (cur, path):
             meta = dict(zip(*_columns(_query(cur, "select key, value from meta where key like 'count:%'"), "key", "value")))
+            identifiers = StoreBase(base_directory(path)).identifiers
+            in_base = len(identifiers) - len(identifiers.rows_of("cluster", _dead_clusters(cur)))
             return {
                 "profiles": int(meta.get("count:profiles", 0)),
                 "profiles_without_email": int(meta.get("count:without_email", 0)),
-                "identifiers": int(_query(cur, "select count(*) as n from identifiers").column("n")[0].as_py()),
+                "identifiers": in_base + int(_query(cur, "select count(*) as n from identifiers").column("n")[0].as_py()),
                 "conflicts": int(_query(cur, "select count(*) as n from conflicts").column("n")[0].as_py()),
             }
 
@@ -904,21 +909,13 @@ def held_batches(manifest: pd.DataFrame) -> list[str]:
 _closers: list[threading.Thread] = []
 
 
-def _write_identity(
-    cur,
-    result: IdentityResult,
-    lookup: "_ProfileLookup",
-    old_identifiers: Optional[pd.DataFrame] = None,
-    identity_cluster: Optional[np.ndarray] = None,
-) -> None:
-    """The identity map (identifiers and identifier_index) and conflicts of recomputed
-    clusters; with ``old_identifiers`` only the rows that changed are deleted and inserted.
+def _identity_rows(result: IdentityResult, lookup: "_ProfileLookup", identity_cluster: Optional[np.ndarray] = None) -> pa.Table:
+    """The identity map as rows of ``identifiers`` (``IDENTIFIER_SCHEMA``).
     ``identity_cluster``: the cluster of each identity map row, if the caller has it."""
     identity = result.identity_map
     if identity_cluster is None:
         identity_cluster = lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
-    columns = ["cluster", "identifier_type", "identifier_value", "ikey", "profile_id", "first_seen"]
-    table = pa.table(
+    return pa.table(
         {
             "cluster": pa.array(identity_cluster, pa.int64()),
             "identifier_type": pa.array(identity["identifier_type"], pa.string(), from_pandas=True),
@@ -926,75 +923,63 @@ def _write_identity(
             "ikey": pa.array(identifier_hashes(identity["identifier_type"], identity["identifier_value"])),
             "profile_id": pa.array(identity["profile_id"], pa.string(), from_pandas=True),
             "first_seen": _micros_array(identity["first_seen"]),
-        }
+        },
+        schema=IDENTIFIER_SCHEMA,
     )
-    index_table = pa.table({"ikey": table.column("ikey"), "cluster": table.column("cluster")})
-    if old_identifiers is not None and len(old_identifiers):
-        mapper = {pa.int64(): pd.Int64Dtype()}.get
-        new = table.to_pandas(types_mapper=mapper).astype({c: object for c in columns if c not in ("cluster", "ikey", "first_seen")})
-        old = old_identifiers.astype({"first_seen": "Int64", "identifier_type": object, "identifier_value": object,
-                                      "profile_id": object})
-        both = old.merge(new, on=columns, how="outer", indicator=True)
-        stale = both[both["_merge"] == "left_only"]
-        table = _arrow(both[both["_merge"] == "right_only"][columns])
-        if len(stale):
-            _temp_table(cur, "stale", stale[["cluster", "identifier_type", "identifier_value"]])
-            cur.execute(
-                "delete from identifiers where (cluster, identifier_type, identifier_value) in "
-                "(select cluster, identifier_type, identifier_value from temp.stale)"
-            )
-        index_old = old[["ikey", "cluster"]].drop_duplicates()
-        index_new = new[["ikey", "cluster"]].drop_duplicates()
-        pairs = index_old.merge(index_new, on=["ikey", "cluster"], how="outer", indicator=True)
-        gone = pairs[pairs["_merge"] == "left_only"][["ikey", "cluster"]]
-        index_table = _arrow(pairs[pairs["_merge"] == "right_only"][["ikey", "cluster"]])
-        if len(gone):
-            _temp_table(cur, "gone", gone)
-            cur.execute("delete from identifier_index where (ikey, cluster) in (select ikey, cluster from temp.gone)")
-    else:
-        ikey = index_table.column("ikey").to_numpy()
-        cluster = index_table.column("cluster").to_numpy()
-        order = np.lexsort((cluster, ikey))
-        ikey, cluster = ikey[order], cluster[order]
-        first = np.ones(len(ikey), dtype=bool)
-        first[1:] = (ikey[1:] != ikey[:-1]) | (cluster[1:] != cluster[:-1])
-        index_table = pa.table({"ikey": ikey[first], "cluster": cluster[first]})
-    if table.num_rows:
-        cur.adbc_ingest("identifiers", table.select(columns).sort_by([(c, "ascending") for c in columns[:3]]), mode="append")
-    if index_table.num_rows:
-        cur.adbc_ingest("identifier_index", index_table.sort_by([("ikey", "ascending"), ("cluster", "ascending")]), mode="append")
+
+
+def _write_conflicts(cur, result: IdentityResult, lookup: "_ProfileLookup") -> None:
     conflicts = result.conflicts
     if len(conflicts):
         owner, _ = identifier_owners(result.identity_map, conflicts)
-        conflict_cluster = lookup.cluster(owner)
-        cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=conflict_cluster)), mode="append")
+        cur.adbc_ingest("conflicts", _frame_to_store(conflicts.assign(cluster=lookup.cluster(owner))), mode="append")
 
 
-def _add_to_base(base: BaseWriter, table: pa.Table, meta: dict) -> None:
+def _write_identity(cur, result: IdentityResult, lookup: "_ProfileLookup") -> None:
+    """The identity map and conflicts of recomputed clusters, into the overlay."""
+    table = _identity_rows(result, lookup)
+    if table.num_rows:
+        key = ["cluster", "identifier_type", "identifier_value"]
+        cur.adbc_ingest("identifiers", table.sort_by([(c, "ascending") for c in key]), mode="append")
+    _write_conflicts(cur, result, lookup)
+
+
+def _identity_to_base(
+    writer: BaseTableWriter, cur, result: IdentityResult, lookup: "_ProfileLookup", identity_cluster: np.ndarray
+) -> None:
+    """A rebuild's identity map, into the new base; its conflicts, into the database."""
+    writer.add(_identity_rows(result, lookup, identity_cluster))
+    writer.close()
+    _write_conflicts(cur, result, lookup)
+
+
+def _add_to_base(writer: BaseTableWriter, table: pa.Table, meta: dict) -> None:
     """Canonical rows plus their cluster, key, profile (and order key) -> the new base."""
-    base.add(_table_to_store(table, meta))
+    writer.add(_table_to_store(table, meta))
 
 
-def _close_base(base: BaseWriter) -> None:
-    base.close()
+def _close_base(base: StoreBaseWriter, profile_schema: pa.Schema) -> None:
+    base.records.close()
+    base.profiles.close(profile_schema)
 
 
-def _write_shard_profiles(
-    cur, profiles: pd.DataFrame, provenance: pd.DataFrame, lookup: "_ProfileLookup", attributes: tuple[str, ...]
+def _shard_profiles_to_base(
+    writer: BaseTableWriter, profiles: pd.DataFrame, provenance: pd.DataFrame, lookup: "_ProfileLookup", attributes: tuple[str, ...]
 ) -> pa.Table:
-    """A rebuild shard's profile rows (on the writer thread: the conversion is Arrow work,
-    which releases the GIL). Returns each profile's (profile_id, cluster, size, no_email):
-    the rows of profile_index and of the counters."""
+    """A rebuild shard's profile rows, into the new base (on the writer thread: the
+    conversion is Arrow work, which releases the GIL). Returns each profile's
+    (size, no_email): the rows of the counters."""
+    rows = _profile_base_rows(profiles, provenance, lookup, attributes)
+    writer.add(rows)
+    return pa.table({"size": rows.column("size"), "no_email": rows.column("primary_email").is_null()})
+
+
+def _profile_base_rows(
+    profiles: pd.DataFrame, provenance: pd.DataFrame, lookup: "_ProfileLookup", attributes: tuple[str, ...]
+) -> pa.Table:
+    """Profile rows for the base, with the key of each profile id."""
     rows = _profile_rows(profiles, provenance, lookup, attributes)
-    _write_profile_rows(cur, rows)
-    return pa.table(
-        {
-            "profile_id": rows.column("profile_id"),
-            "cluster": rows.column("cluster"),
-            "size": rows.column("size"),
-            "no_email": rows.column("primary_email").is_null(),
-        }
-    )
+    return rows.append_column("pkey", pa.array(profile_hashes(rows.column("profile_id")), pa.int64()))
 
 
 def _write_profile_rows(cur, table: pa.Table) -> None:
@@ -1002,34 +987,6 @@ def _write_profile_rows(cur, table: pa.Table) -> None:
         cur.adbc_ingest("profiles", table.sort_by([("cluster", "ascending"), ("profile_id", "ascending")]), mode="append")
 
 
-
-def _placed(profiles: pd.DataFrame, lookup: "_ProfileLookup") -> pd.DataFrame:
-    """(profile_id, cluster) of each profile: the rows of profile_index."""
-    return pd.DataFrame(
-        {
-            "profile_id": profiles["profile_id"].astype(object).to_numpy(),
-            "cluster": lookup.cluster(pa.array(profiles["profile_id"], pa.string(), from_pandas=True)),
-        }
-    )
-
-
-def _write_profile_index(cur, placed: pd.DataFrame, old_profiles: Optional[pd.DataFrame] = None) -> None:
-    """profile_index for recomputed profiles; with ``old_profiles`` (an incremental run)
-    only entries that appeared, moved or went are touched."""
-    if old_profiles is not None:
-        if len(old_profiles):
-            before = old_profiles[["profile_id", "cluster"]].astype({"profile_id": object})
-            pairs = before.merge(placed, on=["profile_id", "cluster"], how="outer", indicator=True)
-            gone = pairs[pairs["_merge"] == "left_only"]
-            placed = pairs[pairs["_merge"] == "right_only"][["profile_id", "cluster"]]
-            if len(gone):
-                _temp_strings(cur, "pgone", gone["profile_id"].tolist())
-                cur.execute("delete from profile_index where profile_id in (select k from temp.pgone)")
-        if len(placed):
-            _temp_strings(cur, "pmoved", placed["profile_id"].tolist())
-            cur.execute("delete from profile_index where profile_id in (select k from temp.pmoved)")
-    if len(placed):
-        cur.adbc_ingest("profile_index", _arrow(placed).sort_by([("profile_id", "ascending")]), mode="append")
 
 def _give_back_memory() -> None:
     """Return freed memory to the operating system: Arrow's pool keeps freed buffers, and
@@ -1322,15 +1279,18 @@ def _profile_rows(
             "tier": pa.array(provenance["tier"].to_numpy(np.int64)),
         }
     )
-    for attribute in attributes:
-        rows = table.filter(pc.equal(table.column("attribute"), attribute))
-        at = pc.index_in(rows.column("profile_id"), value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
-        # Each profile's provenance row (or none): one gather per column, no Python objects.
+    # Each profile's provenance row per attribute (or none): the rows are matched to the
+    # profiles once, then one gather per attribute and column, no Python objects.
+    of_row = pc.index_in(table.column("profile_id"), value_set=ids).to_numpy(zero_copy_only=False)
+    attribute_of_row = pc.index_in(table.column("attribute"), value_set=pa.array(list(attributes), pa.string()))
+    attribute_of_row = attribute_of_row.fill_null(-1).to_numpy(zero_copy_only=False)
+    for number, attribute in enumerate(attributes):
+        at = np.flatnonzero(attribute_of_row == number)
         of_profile = np.full(n, -1, dtype=np.int64)
-        of_profile[at] = np.arange(len(at))
+        of_profile[of_row[at].astype(np.int64)] = at
         pick = pa.array(of_profile, mask=of_profile < 0)
-        for name, column in (("source", "source"), ("record", "record"), ("observed_at", "observed_at"), ("tier", "tier")):
-            columns[f"{attribute}__{name}"] = rows.column(column).take(pick).combine_chunks()
+        for name in ("source", "record", "observed_at", "tier"):
+            columns[f"{attribute}__{name}"] = table.column(name).take(pick).combine_chunks()
     return pa.table(columns)
 
 
@@ -1364,6 +1324,7 @@ def _create_output_tables(cur, profiles: pd.DataFrame, provenance: pd.DataFrame,
         for name in sample.column_names
     )
     cur.execute(f"create table profiles ({columns}, primary key (cluster, profile_id)) without rowid")
+    cur.execute("create index profiles_id on profiles (profile_id)")
     _set_meta(cur, {"kinds:profiles": json.dumps(frame_kinds)})
 
 
@@ -1397,22 +1358,6 @@ def _adjust_counters(cur, rows: pd.DataFrame, sign: int) -> None:
             "insert into meta values (?, ?) on conflict (key) do update set value = cast(value as integer) + ?",
             (key, str(sign * delta), sign * delta),
         )
-
-
-def _arrow(frame: pd.DataFrame) -> pa.Table:
-    """A small frame of int and string columns -> Arrow, nulls kept."""
-    columns = {}
-    for name in frame.columns:
-        series = frame[name]
-        if pd.api.types.is_integer_dtype(series.dtype):
-            columns[name] = pa.array(pd.array(series, dtype="Int64"), pa.int64())
-        else:
-            columns[name] = pa.array(series.astype(object).tolist(), pa.string())
-    return pa.table(columns)
-
-
-def _temp_table(cur, name: str, frame: pd.DataFrame) -> None:
-    cur.adbc_ingest(name, _arrow(frame), mode="replace", temporary=True)
 
 
 def _set_meta(cur, values: dict[str, str]) -> None:
@@ -1526,19 +1471,73 @@ def _pick_sample(candidates: list[tuple[Optional[str], Optional[str]]]) -> Optio
     return min(first) if first else None
 
 
-def _identifier_clusters(cur, frame: pd.DataFrame) -> set[int]:
+def _identifier_clusters(cur, identifiers: BaseTable, frame: pd.DataFrame) -> set[int]:
+    """The clusters holding any identifier of ``frame``: the overlay's and the base's."""
     if frame.empty:
         return set()
-    identifiers = normalised_identifiers(frame)
-    if identifiers.empty:
+    wanted = normalised_identifiers(frame)
+    if wanted.empty:
         return set()
-    ikeys = identifier_hashes(identifiers["identifier_type"], identifiers["identifier_value"])
+    ikeys = identifier_hashes(wanted["identifier_type"], wanted["identifier_value"])
     _temp_keys(cur, "ik", ikeys)
-    found = _query(cur, "select distinct i.cluster from temp.ik join identifier_index i on i.ikey = temp.ik.k")
-    return set(found.column("cluster").to_pylist())
+    found = _query(cur, "select distinct cluster from identifiers where ikey in (select k from temp.ik)")
+    rows = _live_cluster_rows(cur, identifiers, identifiers.rows_of("ikey", ikeys))
+    return set(found.column("cluster").to_pylist()) | set(identifiers.column("cluster", rows).tolist())
 
 
-def _fetch_clusters(cur, base: RecordBase, clusters: set[int]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def _dead_clusters(cur, clusters: Optional[np.ndarray] = None) -> np.ndarray:
+    """The clusters (of ``clusters``, or all) whose base identifiers and profiles an
+    incremental run has superseded."""
+    if clusters is None:
+        found = _query(cur, "select cluster from base_dead_clusters")
+    else:
+        _temp_keys(cur, "bc", np.unique(clusters))
+        found = _query(cur, "select cluster from base_dead_clusters where cluster in (select k from temp.bc)")
+    return found.column("cluster").to_numpy().astype(np.int64) if found.num_rows else np.empty(0, dtype=np.int64)
+
+
+def _live_cluster_rows(cur, table: BaseTable, rows: np.ndarray) -> np.ndarray:
+    """The base rows (of identifiers or profiles) of clusters no incremental run has
+    recomputed since the rebuild."""
+    if not len(rows):
+        return rows
+    clusters = table.column("cluster", rows)
+    dead = _dead_clusters(cur, clusters)
+    return rows[~np.isin(clusters, dead)] if len(dead) else rows
+
+
+def _live_base_table(cur, table: BaseTable, columns: list[str]) -> pa.Table:
+    """Every live base row (``_live_cluster_rows``) of a table, in ``columns``."""
+    whole = table.table.select(columns)
+    dead = _dead_clusters(cur)
+    if not len(dead):
+        return whole
+    return whole.filter(pa.array(~np.isin(table.table.column("cluster").to_numpy(), dead)))
+
+
+def _profile_table(cur, profiles: BaseTable, columns: list[str], profile_ids: Optional[list[str]] = None) -> pa.Table:
+    """Profile rows (all, or the given ids) in ``columns``: the overlay's and the base's live rows."""
+    listed = ", ".join(columns)
+    if profile_ids is None:
+        overlay = _query(cur, f"select {listed} from profiles")
+        return _overlay_and_base(overlay, _live_base_table(cur, profiles, columns))
+    ids = pa.array(list(profile_ids), pa.string())
+    _temp_strings(cur, "p", ids.to_pylist())
+    overlay = _query(cur, f"select {listed} from profiles where profile_id in (select k from temp.p)")
+    rows = _live_cluster_rows(cur, profiles, profiles.rows_of("pkey", profile_hashes(ids)))
+    base = profiles.take(rows, columns)
+    base = base.filter(pc.is_in(base.column("profile_id"), value_set=ids))  # not another id of the same hash
+    return _overlay_and_base(overlay, base)
+
+
+def _overlay_and_base(overlay: pa.Table, base: pa.Table) -> pa.Table:
+    """Overlay rows (as the driver typed them) and base rows, as one table of the base's types."""
+    if not overlay.num_rows:
+        return base
+    return pa.concat_tables([overlay.select(base.column_names).cast(base.schema), base])
+
+
+def _fetch_clusters(cur, base: BaseTable, clusters: set[int]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Every record of ``clusters``: the overlay's rows and the base's live rows."""
     wanted = np.fromiter(clusters, dtype=np.int64, count=len(clusters))
     _temp_keys(cur, "c", wanted)
@@ -1546,7 +1545,7 @@ def _fetch_clusters(cur, base: RecordBase, clusters: set[int]) -> tuple[pd.DataF
     return _records_from_store(_with_base(table, base, _live_base_rows(cur, base, base.rows_of("cluster", wanted))))
 
 
-def _live_base_rows(cur, base: RecordBase, rows: np.ndarray) -> np.ndarray:
+def _live_base_rows(cur, base: BaseTable, rows: np.ndarray) -> np.ndarray:
     """The base rows not superseded by a later run (their keys are not in ``base_dead``)."""
     if not len(rows) or not _query(cur, "select exists (select 1 from base_dead) as n").column("n")[0].as_py():
         return rows
@@ -1556,7 +1555,7 @@ def _live_base_rows(cur, base: RecordBase, rows: np.ndarray) -> np.ndarray:
     return rows[~np.isin(keys, dead.to_numpy())] if len(dead) else rows
 
 
-def _with_base(overlay: pa.Table, base: RecordBase, rows: np.ndarray) -> pa.Table:
+def _with_base(overlay: pa.Table, base: BaseTable, rows: np.ndarray) -> pa.Table:
     """Overlay rows (as the driver typed them) and base rows, as one ``STORE_SCHEMA`` table."""
     overlay = overlay.select(STORE_SCHEMA.names).cast(STORE_SCHEMA) if overlay.num_rows else STORE_SCHEMA.empty_table()
     if not len(rows):
@@ -1569,7 +1568,7 @@ def _assignments(cur, path: Path) -> pd.DataFrame:
     store at ``path`` (its overlay and its base's rows not superseded)."""
     overlay = _query(cur, "select source, source_record_id, profile_id from records where profile_id is not null")
     overlay = overlay.cast(pa.schema([(n, pa.string()) for n in overlay.column_names])) if overlay.num_rows else None
-    base = RecordBase(base_directory(path)).assignments()
+    base = StoreBase(base_directory(path)).records.assignments()
     dead = _query(cur, "select rkey from base_dead").column("rkey").to_numpy() if base.num_rows else []
     if len(dead):
         base = base.filter(pa.array(~np.isin(base.column("rkey").to_numpy(), dead)))
@@ -1577,33 +1576,22 @@ def _assignments(cur, path: Path) -> pd.DataFrame:
     return pa.concat_tables(parts).to_pandas()
 
 
-def _assignment(
-    frame,
-    keys: np.ndarray,
-    result: IdentityResult,
-    clusters: pd.Series,
-    identity_input: Optional[pd.DataFrame] = None,
-    lookup: Optional["_ProfileLookup"] = None,
-) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-    """(cluster, profile_id, row of ``result.record_profiles``) of each record of ``frame``
-    (NO_CLUSTER / null / -1 when it carries no usable identifier).
-
-    ``identity_input`` (the frame identity resolution read, row for row ``frame``) lets the
-    records be matched by position, as ``build_profiles`` does, instead of hashing every
-    record key twice; when the positions do not line up the keys are joined."""
-    rp = result.record_profiles
-    rows = aligned_rows_of(identity_input, rp) if identity_input is not None else None
-    if rows is None:
-        position = pc.index_in(record_keys(frame), value_set=record_keys(rp))
-        rp_row = position.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    else:
-        rp_row = np.full(len(frame), -1, dtype=np.int64)
-        rp_row[rows] = np.arange(len(rows))
-    profile_ids = pa.array(rp["profile_id"], pa.string(), from_pandas=True)
-    profile = profile_ids.take(pa.array(rp_row, mask=rp_row < 0))
-    cluster = np.full(len(frame), NO_CLUSTER, dtype=np.int64)
-    has = rp_row >= 0
-    cluster[has] = (lookup or _ProfileLookup(clusters)).cluster(profile_ids)[rp_row[has]]
+def _assignment(n_records: int, result: IdentityResult, clusters: pd.Series) -> tuple[np.ndarray, pa.DictionaryArray, np.ndarray]:
+    """(cluster, profile_id, row of ``result.record_profiles``) of each record of the frame
+    ``result`` resolved (NO_CLUSTER / null / -1 when it carries no usable identifier), by
+    position (``IdentityResult.record_rows`` and ``record_ranks``): no record key or profile
+    id is hashed. The profile ids come dictionary-encoded, a code being the profile's row
+    in ``result.components`` (sorted ids), as ``_ShardCodes`` reads them."""
+    rows, ranks = result.record_rows, result.record_ranks
+    rp_row = np.full(n_records, -1, dtype=np.int64)
+    rp_row[rows] = np.arange(len(rows))
+    rank = np.full(n_records, -1, dtype=np.int32)
+    rank[rows] = ranks
+    has = rank >= 0
+    cluster = np.full(n_records, NO_CLUSTER, dtype=np.int64)
+    cluster[has] = clusters.to_numpy(np.int64)[rank[has]]
+    ids = pa.array(result.components["profile_id"], pa.string(), from_pandas=True)
+    profile = pa.DictionaryArray.from_arrays(pa.array(rank, pa.int32(), mask=~has), ids)
     return cluster, profile, rp_row
 
 
@@ -1646,6 +1634,43 @@ class _ProfileLookup:
         if at is None:
             return _lookup(self.sizes, pd.Series(profile_ids.to_numpy(zero_copy_only=False)))
         return self.size_values[at]
+
+
+class _ShardCodes:
+    """Each rebuild shard's join of records to profiles, as ``build_profiles`` takes it
+    (``assignment``), from what the rebuild already holds: each record's profile as its row
+    in ``result.components`` (sorted by id), and the identity map in the same order (a
+    profile's ``size`` rows each). A shard's codes then cost integer work alone, where
+    joining would hash or parse its profile ids."""
+
+    def __init__(self, ids: pa.Array, indices: np.ndarray, map_codes: np.ndarray) -> None:
+        self.ids, self.indices, self.map_codes = ids, indices, map_codes
+
+    @classmethod
+    def of(cls, profile_of: pa.DictionaryArray, result: IdentityResult) -> Optional["_ShardCodes"]:
+        """None if the identity map is not in the components' order (the shards then join)."""
+        ids = profile_of.dictionary
+        map_codes = np.repeat(np.arange(len(ids)), result.components["size"].to_numpy(np.int64))
+        listed = pa.array(result.identity_map["profile_id"], pa.string(), from_pandas=True)
+        if len(map_codes) != len(listed) or not pc.all(pc.equal(ids.take(pa.array(map_codes)), listed)).as_py():
+            return None
+        indices = profile_of.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return cls(ids.cast(pa.large_string()), indices, map_codes)
+
+    def for_shard(
+        self, rows: np.ndarray, local: np.ndarray, identity_rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
+        """``rows``: the shard's records; ``local``: positions among them of those with a
+        profile, in record_profiles' order; ``identity_rows``: its identity map rows."""
+        record_codes = self.indices[rows[local]]
+        map_codes = self.map_codes[identity_rows]
+        present = np.unique(np.concatenate([record_codes, map_codes]))
+        return (
+            local,
+            np.searchsorted(present, record_codes),
+            self.ids.take(pa.array(present)),
+            np.searchsorted(present, map_codes),
+        )
 
 
 class _ShardPlan:

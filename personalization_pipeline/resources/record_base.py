@@ -1,35 +1,36 @@
-"""The record base of a profile store: every record's latest version as of the last full
-rebuild, in one Arrow IPC file next to the store's database, with sorted key arrays that
-find a record, a cluster's records and an order's records by binary search.
+"""The base of a profile store: what the last full rebuild computed, in Arrow IPC files next
+to the store's database, with sorted key arrays that find rows by binary search. Three
+tables: every record's latest version, the identity map, and the resolved profiles.
 
-Why a file and not the database's ``records`` table: a full rebuild writes ten million
-records, and SQLite inserts about a million rows a second at best (``bench/report.md``:
-36 s of a 92-115 s rebuild went to inserting records, 9 s more to their key index). An IPC
-file is written at the speed of the disk cache, and read by memory map: a lookup touches
-only the pages of the rows it takes. The base never changes after the rebuild. An
-incremental run that changes a record writes it to the database (the ``records`` table,
-the overlay) and puts its key in ``base_dead``, in the run's transaction, so the ledger
-and the records still commit together and the base stays what it was when the rebuild
-named it in ``CURRENT``.
+Why files and not the database's tables: a full rebuild writes ten million records, three
+million identifiers and a million wide profile rows, and SQLite inserts about a million
+narrow rows a second at best (``bench/report.md``: records were half a 92-115 s rebuild,
+the identity map and profiles 40 s more). An IPC file is written at the speed of the disk
+cache, and read by memory map: a lookup touches only the pages of the rows it takes. The
+base never changes after the rebuild. An incremental run writes what it changes to the
+database (the overlay tables) and marks what those supersede (``base_dead`` for records,
+by key; ``base_dead_clusters`` for identifiers and profiles, whose clusters it recomputes
+whole), in the run's transaction, so the ledger and the outputs still commit together and
+the base stays what it was when the rebuild named it in ``CURRENT``.
 
-Files, under ``<database file>.base/``:
-  records.arrow         store rows (``STORE_SCHEMA``), a cluster's rows together
-  rkey.npy, rkey_rows.npy            record keys, sorted, and the row of each
-  cluster.npy, cluster_rows.npy      clusters, sorted, and the row of each
-  okey.npy, okey_rows.npy            order keys (order rows only), sorted, and the row of each
+Files, under ``<database file>.base/``, for each table (records, identifiers, profiles):
+  <table>.arrow                       the rows, a cluster's rows together
+  <table>.<index>.npy, <table>.<index>.rows.npy   an index column's values, sorted, and the
+                                      row of each (records: rkey, cluster, okey;
+                                      identifiers: cluster, ikey; profiles: cluster, pkey)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from personalization_pipeline.core import canonical
-from personalization_pipeline.core.incremental import NO_CLUSTER
+from personalization_pipeline.core.incremental import NO_CLUSTER, key_order
 
 STORE_SCHEMA = pa.schema(
     [
@@ -46,69 +47,101 @@ STORE_SCHEMA = pa.schema(
 """A row of the store's records, in the base and in the database alike: timestamps as
 int64 microseconds, booleans as 0/1."""
 
-_INDEXES = ("rkey", "cluster", "okey")
+RECORD_INDEXES = ("rkey", "cluster", "okey")
+IDENTIFIER_INDEXES = ("cluster", "ikey")
+PROFILE_INDEXES = ("cluster", "pkey")  # pkey: a 64-bit hash of the profile id
+IDENTIFIER_SCHEMA = pa.schema(
+    [
+        pa.field("cluster", pa.int64()),
+        pa.field("identifier_type", pa.string()),
+        pa.field("identifier_value", pa.string()),
+        pa.field("ikey", pa.int64()),
+        pa.field("profile_id", pa.string()),
+        pa.field("first_seen", pa.int64()),
+    ]
+)
+"""A row of the identity map: first_seen in int64 microseconds."""
+_SPARSE = ("okey",)
+"""Indexes of a column that only some rows have (order keys): rows without one are left out."""
 
 
 def base_directory(database: Path) -> Path:
     return database.with_name(database.name + ".base")
 
 
-class BaseWriter:
-    """Writes a new base: rows in the order given (the rebuild gives a shard at a time,
-    each in cluster order), then the sorted key arrays on ``close``."""
+class BaseTableWriter:
+    """Writes one table of a new base: rows in the order given (the rebuild gives a shard
+    at a time, each in cluster order), then the sorted key arrays on ``close``. Without a
+    ``schema`` the first rows added give it (profiles: their columns follow the rules)."""
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True)
-        self.directory = directory
-        self._sink = pa.OSFile(str(directory / "records.arrow"), "wb")
-        self._writer = pa.ipc.new_file(self._sink, STORE_SCHEMA)
-        self._keys: dict[str, list[np.ndarray]] = {name: [] for name in _INDEXES}
+    def __init__(self, directory: Path, name: str, indexes: tuple[str, ...], schema: Optional[pa.Schema] = None) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.name, self.indexes, self.schema = directory, name, indexes, schema
+        self._sink = self._writer = None
+        self._keys: dict[str, list[np.ndarray]] = {index: [] for index in indexes}
 
     def add(self, rows: pa.Table) -> None:
-        rows = rows.select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+        if self.schema is None:
+            self.schema = rows.schema
+        rows = rows.select(self.schema.names).cast(self.schema)
+        if self._writer is None:
+            self._sink = pa.OSFile(str(self.directory / f"{self.name}.arrow"), "wb")
+            self._writer = pa.ipc.new_file(self._sink, self.schema)
         self._writer.write_table(rows)
-        for name in _INDEXES:
-            self._keys[name].append(rows.column(name).fill_null(NO_CLUSTER).to_numpy())
+        for index in self.indexes:
+            self._keys[index].append(rows.column(index).fill_null(NO_CLUSTER).to_numpy())
 
-    def close(self) -> None:
+    def close(self, schema: Optional[pa.Schema] = None) -> None:
+        """Finish the files; ``schema``: the table's, if no rows were added."""
+        if self._writer is None:
+            self.add((self.schema or schema).empty_table())
         self._writer.close()
         self._sink.close()
-        for name in _INDEXES:
-            keys = np.concatenate(self._keys[name]) if self._keys[name] else np.empty(0, dtype=np.int64)
+        for index in self.indexes:
+            keys = np.concatenate(self._keys[index])
             rows = np.arange(len(keys), dtype=np.int64)
-            if name == "okey":  # only order rows have one
+            if index in _SPARSE:
                 rows = rows[keys != NO_CLUSTER]
                 keys = keys[rows]
-            order = np.argsort(keys, kind="stable")
-            np.save(self.directory / f"{name}.npy", keys[order])
-            np.save(self.directory / f"{name}_rows.npy", rows[order])
-            self._keys[name] = []
+            order = key_order(keys)
+            np.save(self.directory / f"{self.name}.{index}.npy", keys[order])
+            np.save(self.directory / f"{self.name}.{index}.rows.npy", rows[order])
+            self._keys[index] = []
 
 
-class RecordBase:
-    """A base, mapped read-only. A store without one (no base directory) reads as empty."""
+class BaseWriter(BaseTableWriter):
+    """The records of a new base."""
 
     def __init__(self, directory: Path) -> None:
+        super().__init__(directory, "records", RECORD_INDEXES, STORE_SCHEMA)
+
+
+class BaseTable:
+    """One table of a base, mapped read-only. A store without it reads as empty (with
+    ``schema``, or none at all)."""
+
+    def __init__(self, directory: Path, name: str, indexes: tuple[str, ...], schema: Optional[pa.Schema] = None) -> None:
         self.directory = directory
-        path = directory / "records.arrow"
+        path = directory / f"{name}.arrow"
         if path.exists():
             reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
             self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-            self.table = pa.Table.from_batches(self._batches, schema=STORE_SCHEMA)
-            self._sorted = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _INDEXES}
-            self._rows = {name: np.load(directory / f"{name}_rows.npy", mmap_mode="r") for name in _INDEXES}
+            self.schema = reader.schema
+            self._sorted = {index: np.load(directory / f"{name}.{index}.npy", mmap_mode="r") for index in indexes}
+            self._rows = {index: np.load(directory / f"{name}.{index}.rows.npy", mmap_mode="r") for index in indexes}
         else:
             self._batches = []
-            self.table = STORE_SCHEMA.empty_table()
-            self._sorted = {name: np.empty(0, dtype=np.int64) for name in _INDEXES}
-            self._rows = {name: np.empty(0, dtype=np.int64) for name in _INDEXES}
+            self.schema = schema if schema is not None else pa.schema([(index, pa.int64()) for index in indexes])
+            self._sorted = {index: np.empty(0, dtype=np.int64) for index in indexes}
+            self._rows = {index: np.empty(0, dtype=np.int64) for index in indexes}
+        self.table = pa.Table.from_batches(self._batches, schema=self.schema)
         self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches]).astype(np.int64)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def rows_of(self, index: str, keys: np.ndarray) -> np.ndarray:
-        """The rows whose ``index`` column ("rkey", "cluster" or "okey") is one of ``keys``."""
+        """The rows whose ``index`` column is one of ``keys``, in row order."""
         keys = np.unique(np.asarray(keys, dtype=np.int64))
         sorted_keys = self._sorted[index]
         if not len(keys) or not len(sorted_keys):
@@ -125,14 +158,14 @@ class RecordBase:
         positions = starts + np.arange(int(counts.sum()))
         return np.sort(np.asarray(self._rows[index][positions], dtype=np.int64))
 
-    def contains(self, rkeys: np.ndarray) -> np.ndarray:
-        """Whether each record key has a row in the base."""
-        rkeys = np.asarray(rkeys, dtype=np.int64)
-        sorted_keys = self._sorted["rkey"]
+    def contains(self, index: str, keys: np.ndarray) -> np.ndarray:
+        """Whether each key has a row in the table."""
+        keys = np.asarray(keys, dtype=np.int64)
+        sorted_keys = self._sorted[index]
         if not len(sorted_keys):
-            return np.zeros(len(rkeys), dtype=bool)
-        at = np.minimum(np.searchsorted(sorted_keys, rkeys), len(sorted_keys) - 1)
-        return np.asarray(sorted_keys[at] == rkeys)
+            return np.zeros(len(keys), dtype=bool)
+        at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+        return np.asarray(sorted_keys[at] == keys)
 
     def _runs(self, rows: np.ndarray) -> Iterator[tuple[pa.RecordBatch, pa.Array]]:
         """(batch, positions in it) for each run of ``rows`` in one mapped batch, in order.
@@ -145,19 +178,47 @@ class RecordBase:
             if len(part):
                 yield self._batches[int(at[0])], pa.array(part - self._starts[at[0]])
 
-    def take(self, rows: np.ndarray) -> pa.Table:
+    def take(self, rows: np.ndarray, columns: Optional[list[str]] = None) -> pa.Table:
         """The rows at ``rows``, in that order (fastest sorted, as ``rows_of`` gives them)."""
-        pieces = [batch.take(local) for batch, local in self._runs(rows)]
-        return pa.Table.from_batches(pieces, schema=STORE_SCHEMA).combine_chunks()
+        schema = self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns])
+        pieces = [
+            (batch if columns is None else batch.select(columns)).take(local) for batch, local in self._runs(rows)
+        ]
+        return pa.Table.from_batches(pieces, schema=schema).combine_chunks()
 
     def column(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """An integer column ("rkey", "cluster", "okey") at ``rows``, nulls as NO_CLUSTER."""
+        """An integer column at ``rows``, nulls as NO_CLUSTER."""
         parts = [batch.column(name).take(local) for batch, local in self._runs(rows)]
         if not parts:
             return np.empty(0, dtype=np.int64)
         return pa.concat_arrays(parts).fill_null(NO_CLUSTER).to_numpy()
 
+
+class RecordBase(BaseTable):
+    """The records of a base."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, "records", RECORD_INDEXES, STORE_SCHEMA)
+
     def assignments(self) -> pa.Table:
         """(rkey, source, source_record_id, profile_id) of every row with a profile."""
         table = self.table.select(["rkey", "source", "source_record_id", "profile_id"])
         return table.filter(pc.is_valid(table.column("profile_id")))
+
+
+class StoreBase:
+    """The three tables of a base, mapped read-only."""
+
+    def __init__(self, directory: Path) -> None:
+        self.records = RecordBase(directory)
+        self.identifiers = BaseTable(directory, "identifiers", IDENTIFIER_INDEXES, IDENTIFIER_SCHEMA)
+        self.profiles = BaseTable(directory, "profiles", PROFILE_INDEXES)
+
+
+class StoreBaseWriter:
+    """The three tables of a new base, written side by side."""
+
+    def __init__(self, directory: Path) -> None:
+        self.records = BaseWriter(directory)
+        self.identifiers = BaseTableWriter(directory, "identifiers", IDENTIFIER_INDEXES, IDENTIFIER_SCHEMA)
+        self.profiles = BaseTableWriter(directory, "profiles", PROFILE_INDEXES)

@@ -50,7 +50,7 @@ def test_lookups_equal_a_scan(tmp_path):
             assert base.rows_of(index, probe).tolist() == expected.tolist(), (index, probe)
     picked = base.rows_of("cluster", np.array([9]))
     assert base.take(picked).column("rkey").to_pylist() == rkey[cluster == 9].tolist()
-    assert base.contains(np.array([rkey[3], -5, rkey[-1]])).tolist() == [True, False, True]
+    assert base.contains("rkey", np.array([rkey[3], -5, rkey[-1]])).tolist() == [True, False, True]
     assert base.assignments().num_rows == int((cluster != NO_CLUSTER).sum())
 
 
@@ -58,7 +58,7 @@ def test_a_store_without_a_base_reads_as_empty(tmp_path):
     base = RecordBase(tmp_path / "none")
     assert len(base) == 0
     assert base.rows_of("cluster", np.array([1, 2])).tolist() == []
-    assert base.contains(np.array([1])).tolist() == [False]
+    assert base.contains("rkey", np.array([1])).tolist() == [False]
     assert base.take(np.empty(0, dtype=np.int64)).schema == STORE_SCHEMA
 
 
