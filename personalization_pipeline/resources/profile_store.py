@@ -629,28 +629,25 @@ class ProfileStore:
         result.record_profiles = result.record_profiles.head(0)
         result.record_rows = result.record_ranks = None
         _give_back_memory()
-        # The live rows stay in memory until their shard is written: low-cardinality text
-        # (sources, kinds, names, cities...) is kept dictionary-encoded, about half the
-        # bytes, and each shard's gather moves small integers instead of strings.
-        live = read_rows(live_rows, compact=True)
-        dead = read_rows(dead_rows)
-        del live_rows, dead_rows
-        _give_back_memory()
-        tick = report.lap("read_live_rows", tick)
-        plan = _ShardPlan(cluster_of, okeys, self.shard_rows)
-        shard_of = plan.shards(cluster_of)
-        # By cluster: a cluster's records lie together in the base, so an incremental run
-        # reads them from a few pages (sorting by record key within it would buy nothing).
-        placement = key_order(cluster_of)
-        by_shard = np.argsort(shard_of[placement], kind="stable")
-        shard_bounds = np.searchsorted(shard_of[placement][by_shard], np.arange(-1, plan.count + 1))
-        placement = placement[by_shard]  # shard by shard (-1 first), each in cluster order
-        del shard_of, by_shard
         identity = result.identity_map
-        identity_cluster = lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
-        identity_shard = plan.shards(identity_cluster)
-        identity_order = np.argsort(identity_shard, kind="stable")
-        identity_bounds = np.searchsorted(identity_shard[identity_order], np.arange(0, plan.count + 1))
+        map_ranks = _map_ranks(result)  # each identity map row's profile, as a row of components
+        identity_cluster = (
+            clusters.to_numpy(np.int64)[map_ranks]
+            if map_ranks is not None
+            else lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
+        )
+        # The shards are planned on a second thread (numpy's sorts release the GIL) while
+        # this one reads the live rows. They stay in memory until their shard is written:
+        # low-cardinality text (sources, kinds, names, cities...) is kept dictionary-
+        # encoded, about half the bytes, and each shard's gather moves small integers.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-store-plan") as planner:
+            planned = planner.submit(_plan_shards, cluster_of, okeys, self.shard_rows, identity_cluster)
+            live = read_rows(live_rows, compact=True)
+            dead = read_rows(dead_rows)
+            del live_rows, dead_rows
+            _give_back_memory()
+            tick = report.lap("read_live_rows", tick)
+            plan, placement, shard_bounds, identity_order, identity_bounds = planned.result()
         report.records_recomputed = live.num_rows
         report.clusters_touched = int(clusters.nunique())
         report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
@@ -733,7 +730,7 @@ class ProfileStore:
                     )
                     return rows, table, meta, frame, shard_rp, None
 
-                codes = _ShardCodes.of(profile_of, result)
+                codes = _ShardCodes(profile_of, map_ranks) if map_ranks is not None else None
                 upcoming = fetcher.submit(gather, -1)
                 for shard in range(-1, plan.count):  # -1: records with no usable identifier
                     rows, table, meta, frame, shard_rp, assignment = upcoming.result()
@@ -761,7 +758,8 @@ class ProfileStore:
                         next(f for f in written if not f.done()).result()
                 fetcher.shutdown()
                 # The per-record arrays are done with: their memory goes before the tail.
-                del live, cluster_of, live_keys, profile_of, rp_row, okeys, placement, identity_order, identity_shard, codes
+                del live, cluster_of, live_keys, profile_of, rp_row, okeys, placement, identity_order, codes
+                _give_back_memory()  # before the base's key arrays are sorted
                 no_profiles = build_profiles(canonical.empty_frame(), result.record_profiles.head(0), self.rules)
                 write(_close_base, base, _profile_base_rows(*no_profiles, lookup, self.rules.attributes).schema)
                 tick = report.lap("build_profiles_and_write", tick)
@@ -1266,8 +1264,9 @@ def _profile_rows(
     base = _frame_to_store(profiles)
     ids = base.column("profile_id")
     columns = {name: base.column(name) for name in base.column_names}
-    columns["cluster"] = pa.array(lookup.cluster(ids), pa.int64())
-    columns["size"] = pa.array(lookup.size(ids), pa.int64())
+    at = lookup.positions(ids)  # once for both
+    columns["cluster"] = pa.array(lookup.cluster(ids) if at is None else lookup.cluster_values[at], pa.int64())
+    columns["size"] = pa.array(lookup.size(ids) if at is None else lookup.size_values[at], pa.int64())
     n = len(ids)
     table = pa.table(
         {
@@ -1458,9 +1457,9 @@ def _sample_candidates(profiles: pd.DataFrame) -> tuple[Optional[str], Optional[
     """(first profile_id with an email, first profile_id) of one shard's profiles."""
     if profiles.empty:
         return None, None
-    ids = profiles["profile_id"].astype(str)
-    with_email = ids[profiles["primary_email"].notna().to_numpy()]
-    return (with_email.min() if len(with_email) else None), ids.min()
+    ids = profiles["profile_id"]  # sorted (build_profiles)
+    has_email = profiles["primary_email"].notna().to_numpy()
+    return (str(ids.iloc[int(has_email.argmax())]) if has_email.any() else None), str(ids.iloc[0])
 
 
 def _pick_sample(candidates: list[tuple[Optional[str], Optional[str]]]) -> Optional[str]:
@@ -1636,41 +1635,66 @@ class _ProfileLookup:
         return self.size_values[at]
 
 
+def _map_ranks(result: IdentityResult) -> Optional[np.ndarray]:
+    """Each identity map row's profile as its row of ``result.components``: both are sorted
+    by profile id and a profile has ``size`` identifiers, so the rows line up by counting
+    (checked; None if they do not)."""
+    ranks = np.repeat(np.arange(len(result.components)), result.components["size"].to_numpy(np.int64))
+    listed = pa.array(result.identity_map["profile_id"], pa.string(), from_pandas=True)
+    if len(ranks) != len(listed):
+        return None
+    ids = pa.array(result.components["profile_id"], pa.string(), from_pandas=True)
+    return ranks if pc.all(pc.equal(ids.take(pa.array(ranks)), listed)).as_py() else None
+
+
+def _plan_shards(
+    cluster_of: np.ndarray, okeys: np.ndarray, shard_rows: int, identity_cluster: np.ndarray
+) -> tuple["_ShardPlan", np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(plan, placement, shard_bounds, identity_order, identity_bounds): the records in
+    base order (shard by shard, -1 first, each in cluster order: a cluster's records lie
+    together in the base, so an incremental run reads them from a few pages), where each
+    shard starts in it, and the same for the identity map's rows."""
+    plan = _ShardPlan(cluster_of, okeys, shard_rows)
+    placement = key_order(cluster_of)
+    in_order = cluster_of[placement]
+    first = np.ones(len(in_order), dtype=bool)
+    first[1:] = in_order[1:] != in_order[:-1]
+    starts = np.flatnonzero(first)  # each cluster's run: its shard is looked up once
+    shard_of = np.repeat(plan.shards(in_order[starts]), np.diff(np.append(starts, len(in_order))))
+    by_shard = np.argsort(shard_of, kind="stable")
+    shard_bounds = np.searchsorted(shard_of[by_shard], np.arange(-1, plan.count + 1))
+    placement = placement[by_shard]
+    identity_shard = plan.shards(identity_cluster)
+    identity_order = np.argsort(identity_shard, kind="stable")
+    identity_bounds = np.searchsorted(identity_shard[identity_order], np.arange(0, plan.count + 1))
+    return plan, placement, shard_bounds, identity_order, identity_bounds
+
+
 class _ShardCodes:
     """Each rebuild shard's join of records to profiles, as ``build_profiles`` takes it
     (``assignment``), from what the rebuild already holds: each record's profile as its row
-    in ``result.components`` (sorted by id), and the identity map in the same order (a
-    profile's ``size`` rows each). A shard's codes then cost integer work alone, where
-    joining would hash or parse its profile ids."""
+    in ``result.components`` (sorted by id), and the same for each identity map row. A
+    shard's codes then cost integer work alone, where joining would hash or parse its
+    profile ids."""
 
-    def __init__(self, ids: pa.Array, indices: np.ndarray, map_codes: np.ndarray) -> None:
-        self.ids, self.indices, self.map_codes = ids, indices, map_codes
-
-    @classmethod
-    def of(cls, profile_of: pa.DictionaryArray, result: IdentityResult) -> Optional["_ShardCodes"]:
-        """None if the identity map is not in the components' order (the shards then join)."""
-        ids = profile_of.dictionary
-        map_codes = np.repeat(np.arange(len(ids)), result.components["size"].to_numpy(np.int64))
-        listed = pa.array(result.identity_map["profile_id"], pa.string(), from_pandas=True)
-        if len(map_codes) != len(listed) or not pc.all(pc.equal(ids.take(pa.array(map_codes)), listed)).as_py():
-            return None
-        indices = profile_of.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        return cls(ids.cast(pa.large_string()), indices, map_codes)
+    def __init__(self, profile_of: pa.DictionaryArray, map_ranks: np.ndarray) -> None:
+        self.ids = profile_of.dictionary.cast(pa.large_string())
+        self.indices = profile_of.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.map_ranks = map_ranks
 
     def for_shard(
         self, rows: np.ndarray, local: np.ndarray, identity_rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
         """``rows``: the shard's records; ``local``: positions among them of those with a
         profile, in record_profiles' order; ``identity_rows``: its identity map rows."""
-        record_codes = self.indices[rows[local]]
-        map_codes = self.map_codes[identity_rows]
-        present = np.unique(np.concatenate([record_codes, map_codes]))
-        return (
-            local,
-            np.searchsorted(present, record_codes),
-            self.ids.take(pa.array(present)),
-            np.searchsorted(present, map_codes),
-        )
+        record_ranks = self.indices[rows[local]]
+        map_ranks = self.map_ranks[identity_rows]
+        # The shard's profiles: a mark per profile, then codes by counting (no sort).
+        present = np.zeros(len(self.ids), dtype=bool)
+        present[record_ranks] = True
+        present[map_ranks] = True
+        code = np.cumsum(present) - 1
+        return local, code[record_ranks], self.ids.take(pa.array(np.flatnonzero(present))), code[map_ranks]
 
 
 class _ShardPlan:
