@@ -22,6 +22,7 @@ Files, under ``<database file>.base/``, for each table (records, identifiers, pr
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -91,22 +92,28 @@ class BaseTableWriter:
         for index in self.indexes:
             self._keys[index].append(rows.column(index).fill_null(NO_CLUSTER).to_numpy())
 
-    def close(self, schema: Optional[pa.Schema] = None) -> None:
-        """Finish the files; ``schema``: the table's, if no rows were added."""
+    def close(self, schema: Optional[pa.Schema] = None, threads: int = 1) -> None:
+        """Finish the files; ``schema``: the table's, if no rows were added; ``threads``:
+        how many key arrays to sort at once (numpy's sorts release the GIL; each sort
+        holds a few times its keys' memory)."""
         if self._writer is None:
             self.add((self.schema or schema).empty_table())
         self._writer.close()
         self._sink.close()
-        for index in self.indexes:
-            keys = np.concatenate(self._keys[index])
-            rows = np.arange(len(keys), dtype=np.int64)
-            if index in _SPARSE:
-                rows = rows[keys != NO_CLUSTER]
-                keys = keys[rows]
-            order = key_order(keys)
-            np.save(self.directory / f"{self.name}.{index}.npy", keys[order])
-            np.save(self.directory / f"{self.name}.{index}.rows.npy", rows[order])
-            self._keys[index] = []
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="base-index") as pool:
+            for done in [pool.submit(self._save_index, index) for index in self.indexes]:
+                done.result()
+
+    def _save_index(self, index: str) -> None:
+        keys = np.concatenate(self._keys[index])
+        self._keys[index] = []
+        rows = np.arange(len(keys), dtype=np.int64)
+        if index in _SPARSE:
+            rows = rows[keys != NO_CLUSTER]
+            keys = keys[rows]
+        order = key_order(keys)
+        np.save(self.directory / f"{self.name}.{index}.npy", keys[order])
+        np.save(self.directory / f"{self.name}.{index}.rows.npy", rows[order])
 
 
 class BaseWriter(BaseTableWriter):

@@ -7,13 +7,16 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from personalization_pipeline.core import canonical
 from personalization_pipeline.core.identity import IdentityLimits, current_state, resolve_identities
+from personalization_pipeline.core.incremental import _hash_strings, key_order
 from personalization_pipeline.core.profiles import build_profiles
 from personalization_pipeline.core.rules import load_conflict_rules
 from personalization_pipeline.resources.lake import Lake
@@ -267,9 +270,11 @@ def test_a_backfill_delivering_old_partitions_after_newer_ones_gives_the_same_ta
 
 
 def test_incremental_runs_leave_the_rebuilt_base_as_it_was(tmp_path):
-    """A full rebuild writes the records to an immutable base file; a later run writes a
-    changed record to the database and marks its base row superseded, in its transaction.
-    The next rebuild starts a new base and removes the old one."""
+    """A full rebuild writes records, identifiers and profiles to immutable base files; a
+    later run writes a changed record to the database and marks its base row superseded,
+    and replaces its cluster's identifiers and profiles in the database, marking the
+    cluster; all in its transaction. Reads by id and in full see the overlay over the
+    base. The next rebuild starts a new base and removes the old one."""
     lake = Lake(tmp_path / "lake")
     target = store(tmp_path / "store")
     stage(lake, "b1", [rec("crm", "1", 1, crm_id="c1", email="a@x.com", city="Paris"),
@@ -285,15 +290,30 @@ def test_incremental_runs_leave_the_rebuilt_base_as_it_was(tmp_path):
     with target.reader() as cur:
         dead = cur.execute("select count(*) from base_dead").fetchone()[0]
         overlay = cur.execute("select source_record_id, city from records").fetchall()
+        dead_clusters = cur.execute("select count(*) from base_dead_clusters").fetchone()[0]
+        overlay_profiles = cur.execute("select city from profiles").fetchall()
+        overlay_identifiers = cur.execute("select identifier_value from identifiers order by 1").fetchall()
     assert dead == 1 and overlay == [("1", "Rome")]
-    assert sorted(target.profiles()["city"]) == ["Oslo", "Rome"]
+    assert dead_clusters == 1 and overlay_profiles == [("Rome",)]
+    assert overlay_identifiers == [("a@x.com",), ("c1",)]
+    profiles = target.profiles()
+    assert sorted(profiles["city"]) == ["Oslo", "Rome"]
     assert len(target.record_profiles()) == 2
+    # By id: the recomputed profile from the overlay, the other from the base; never both.
+    for profile_id, city in zip(profiles["profile_id"], profiles["city"]):
+        assert target.profiles([profile_id])["city"].tolist() == [city]
+        assert target.provenance(profile_id).query("attribute == 'city'")["value"].tolist() == [city]
+    assert target.profiles(["p_0000000000000000"]).empty
+    assert sorted(target.identity_map()["identifier_value"]) == ["a@x.com", "b@x.com", "c1", "c2"]
+    assert target.counts()["identifiers"] == 4 and target.counts()["profiles"] == 2
     rebuilt = target.rebuild(lake)
     assert rebuilt.mode == "rebuild" and not base.exists() and not path.exists()
     assert sorted(target.profiles()["city"]) == ["Oslo", "Rome"]
     with target.reader() as cur:
         assert cur.execute("select count(*) from base_dead").fetchone()[0] == 0
+        assert cur.execute("select count(*) from base_dead_clusters").fetchone()[0] == 0
         assert cur.execute("select count(*) from records").fetchone()[0] == 0
+        assert cur.execute("select count(*) from profiles").fetchone()[0] == 0
 
 
 def test_a_store_of_an_older_format_is_rebuilt(tmp_path):
@@ -305,3 +325,51 @@ def test_a_store_of_an_older_format_is_rebuilt(tmp_path):
         cur.execute("update meta set value = '1' where key = 'format'")
     report = target.apply(lake)
     assert report.mode == "rebuild" and "format 1 -> " in report.reason
+
+
+def test_key_order_is_a_stable_argsort_of_the_keys():
+    """The packed sort equals numpy's stable argsort, with repeated keys and keys that
+    share their high bits (chance matches the packing must put back in order)."""
+    rng = np.random.default_rng(5)
+    for n in (100, 70_000, 300_000):
+        keys = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64)
+        keys[n // 3 : n // 2] = keys[: n // 2 - n // 3]  # repeated keys
+        keys[:40] = (keys[:40] & ~np.int64(0xFFFFFF)) | rng.integers(0, 0xFFFFFF, 40)
+        keys[40:80] = keys[:40] ^ 1  # same high bits, different keys
+        keys[80:90] = np.iinfo(np.int64).min
+        keys = keys[rng.permutation(n)]
+        assert np.array_equal(key_order(keys), np.argsort(keys, kind="stable"))
+
+
+def test_string_hashes_are_fixed_and_tell_strings_apart():
+    """The store's keys are these hashes: they must not change between versions (a stored
+    store would no longer find its rows), and must tell apart strings that differ only in
+    a partial last word, a trailing NUL or a byte past the eighth."""
+    values = ["", "a", "ab", "abcdefgh", "abcdefghi", "abcdefgh\x00", "é", "crm\x1f123", "crm\x1f124"]
+    hashes = _hash_strings(pa.array(values, pa.string()))
+    assert len(set(hashes.tolist())) == len(values)
+    assert hashes.tolist() == [
+        7175312947680778460, -8336818752232849737, -5044979702302016773, 4055049404976090046, 1362786803196676507,
+        1490208158366124588, -1313532290294299350, -8157479688088278597, -3526783592082643485,
+    ]
+    # The same from a pandas Series, an offset slice and a chunked array; null as "".
+    assert np.array_equal(hashes, _hash_strings(pd.Series(values, dtype=object)))
+    assert np.array_equal(hashes, _hash_strings(pa.array(["x"] + values, pa.large_string()).slice(1)))
+    assert np.array_equal(hashes, _hash_strings(pa.chunked_array([pa.array(values[:4]), pa.array(values[4:])])))
+    assert _hash_strings(pa.array([None, ""], pa.string())).tolist() == [hashes[0], hashes[0]]
+    many = pa.array([f"web\x1fevent-{i}" for i in range(200_000)], pa.large_string())
+    assert len(np.unique(_hash_strings(many))) == 200_000
+
+
+def test_identity_result_lines_records_and_profiles_up_by_position():
+    frame = canonical.to_frame(
+        pd.DataFrame(
+            [rec("crm", "1", 1, crm_id="c1", email="a@x.com"), rec("web", "e1", 2, anonymous_id="anon1"),
+             rec("esp", "m1", 3, email="a@x.com"), rec("web", "e2", 4), rec("shop", "o1", 5, email="b@x.com")]
+        )
+    )
+    result = resolve_identities(frame, IdentityLimits())
+    rp = result.record_profiles
+    assert len(result.record_rows) == len(result.record_ranks) == len(rp) == 4
+    assert frame["source_record_id"].iloc[result.record_rows].tolist() == rp["source_record_id"].tolist()
+    assert result.components["profile_id"].iloc[result.record_ranks].tolist() == rp["profile_id"].tolist()

@@ -7,7 +7,14 @@ import numpy as np
 import pyarrow as pa
 
 from personalization_pipeline.core.incremental import NO_CLUSTER
-from personalization_pipeline.resources.record_base import STORE_SCHEMA, BaseWriter, RecordBase
+from personalization_pipeline.resources.record_base import (
+    PROFILE_INDEXES,
+    STORE_SCHEMA,
+    BaseTable,
+    BaseTableWriter,
+    BaseWriter,
+    RecordBase,
+)
 
 
 def rows(rkeys, clusters, okeys) -> pa.Table:
@@ -72,3 +79,24 @@ def test_rows_come_back_in_the_order_asked(tmp_path):
     asked = np.array([14, 0, 3, 9, 10, 2])
     assert base.take(asked).column("rkey").to_pylist() == base.table.column("rkey").take(pa.array(asked)).to_pylist()
     assert base.column("rkey", asked).tolist() == base.table.column("rkey").take(pa.array(asked)).to_pylist()
+
+
+def test_a_table_takes_its_schema_from_its_first_rows_or_from_close(tmp_path):
+    """Profiles' columns follow the rules: the writer takes the first rows' schema, casts
+    later rows to it, and writes an empty table with the schema given at close."""
+    writer = BaseTableWriter(tmp_path / "b", "profiles", PROFILE_INDEXES)
+    first = pa.table({"cluster": pa.array([4, 2], pa.int64()), "pkey": pa.array([7, 9], pa.int64()), "city": ["Oslo", None]})
+    writer.add(first)
+    writer.add(pa.table({"cluster": pa.array([3], pa.int32()), "pkey": pa.array([1], pa.int64()), "city": pa.nulls(1)}))
+    writer.close()
+    table = BaseTable(tmp_path / "b", "profiles", PROFILE_INDEXES)
+    assert table.schema == first.schema and len(table) == 3
+    assert table.rows_of("cluster", np.array([2, 3])).tolist() == [1, 2]
+    assert table.take(table.rows_of("pkey", np.array([9])), ["city"]).column("city").to_pylist() == [None]
+    assert table.contains("cluster", np.array([4, 5])).tolist() == [True, False]
+
+    empty = BaseTableWriter(tmp_path / "e", "profiles", PROFILE_INDEXES)
+    empty.close(first.schema)
+    table = BaseTable(tmp_path / "e", "profiles", PROFILE_INDEXES)
+    assert table.schema == first.schema and len(table) == 0
+    assert table.rows_of("pkey", np.array([7])).tolist() == []
