@@ -7,8 +7,9 @@ moves Arrow tables in and out without a Python object per value. Why SQLite:
 
 - the cost of an incremental run follows the batch: every lookup it makes (a record's
   stored version, an identifier's cluster, a cluster's records) is a B-tree probe, and
-  records are clustered on disk by (cluster, record key), so a cluster's records are read
-  together. Measured figures are in bench/report.md (``bench_profiles``).
+  the overlay's rows are clustered on disk by identity cluster, so a cluster's rows are
+  read together (the base's rows, a shard of clusters at a time, by binary search in its
+  key arrays). Measured figures are in bench/report.md (``bench_profiles``).
 - the ledger of applied inputs and the output tables change in one transaction, so a run
   killed at any point leaves either the old state with the old ledger or the new state
   with the new ledger, never a mix (PRODUCT.md section 12);

@@ -14,7 +14,7 @@ whole), in the run's transaction, so the ledger and the outputs still commit tog
 the base stays what it was when the rebuild named it in ``CURRENT``.
 
 Files, under ``<database file>.base/``, for each table (records, identifiers, profiles):
-  <table>.arrow                       the rows, a cluster's rows together
+  <table>.arrow                       the rows, a shard of clusters at a time
   <table>.<index>.npy, <table>.<index>.rows.npy   an index column's values, sorted, and the
                                       row of each (records: rkey, cluster, okey;
                                       identifiers: cluster, ikey; profiles: cluster, pkey)
@@ -72,7 +72,7 @@ def base_directory(database: Path) -> Path:
 
 class BaseTableWriter:
     """Writes one table of a new base: rows in the order given (the rebuild gives a shard
-    at a time, each in cluster order), then the sorted key arrays on ``close``. Without a
+    at a time), then the sorted key arrays on ``close``. Without a
     ``schema`` the first rows added give it (profiles: their columns follow the rules)."""
 
     def __init__(self, directory: Path, name: str, indexes: tuple[str, ...], schema: Optional[pa.Schema] = None) -> None:
