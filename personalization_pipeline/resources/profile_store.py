@@ -272,13 +272,21 @@ class ProfileStore:
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator:
-        """(cursor, database path) of the current store: the path names its record base."""
+        """(cursor, database path) of the current store: the path names its base. One read
+        transaction: every query sees the same commit, so the overlay and what it marks
+        superseded in the base always agree, even while a run commits meanwhile."""
         path = self.current_path()
         if path is None:
             raise StoreError("the profile store is empty: run the profile job (or full_rebuild_job) first")
         conn, cur = self._connect(path)
         try:
-            yield cur, path
+            cur.execute("begin")
+            try:
+                yield cur, path
+            except BaseException:
+                cur.execute("rollback")
+                raise
+            cur.execute("commit")
         finally:
             cur.close()
             conn.close()
