@@ -237,7 +237,9 @@ def _record_groups(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
     return groups, offset
 
 
-def resolve_identities(current: pd.DataFrame, limits: IdentityLimits) -> IdentityResult:
+def resolve_identities(
+    current: pd.DataFrame, limits: IdentityLimits, record_profiles: bool = True
+) -> IdentityResult:
     """Resolve the current state into profiles (PRODUCT.md section 5).
 
     ``current`` is a canonical frame holding the current state (see ``current_state``);
@@ -246,6 +248,10 @@ def resolve_identities(current: pd.DataFrame, limits: IdentityLimits) -> Identit
     Identifiers are normalised first (strip; emails lower-cased); blocked values count as
     absent. A record with no usable identifier at all belongs to no profile and is left
     out of ``record_profiles``.
+
+    ``record_profiles=False`` leaves that table empty (its columns only): a caller that
+    joins records to profiles by ``record_rows`` and ``record_ranks`` (the profile store's
+    full rebuild) is spared a row of strings per record.
     """
     limit_array = limits.as_array()
     frame = current.reset_index(drop=True)
@@ -256,11 +262,11 @@ def resolve_identities(current: pd.DataFrame, limits: IdentityLimits) -> Identit
     # sorts the identity map while the ids are hashed (the one long step that holds the
     # GIL); the output columns are then built on both threads.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return _resolve(frame, limit_array, pool)
+        return _resolve(frame, limit_array, pool, record_profiles)
 
 
 def _resolve(
-    frame: pd.DataFrame, limit_array: np.ndarray, pool: ThreadPoolExecutor
+    frame: pd.DataFrame, limit_array: np.ndarray, pool: ThreadPoolExecutor, with_record_profiles: bool = True
 ) -> IdentityResult:
     n_records = len(frame)
     n_types = len(IDENTIFIER_TYPES)
@@ -307,6 +313,7 @@ def _resolve(
         has_identifier,
         source_codes,
         sources,
+        with_record_profiles,
     )
 
     first_seen = pool.submit(_first_seen, record_nodes, observed, n_nodes)
@@ -359,7 +366,11 @@ def _resolve(
     ranked_ids = np.take(profile_ids, by_rank, axis=0)  # the ids in sorted order
 
     record_profiles = pool.submit(
-        lambda: _record_profiles(in_record_order.result(), record_labels.result(), profile_ids)
+        lambda: _record_profiles(
+            in_record_order.result(),
+            record_labels.result() if with_record_profiles else record_labels.result()[:0],
+            profile_ids,
+        )
     )
     # The identity map's columns moved into profile id order; its two string columns are
     # taken on the pool while everything else is built here.
@@ -746,9 +757,10 @@ def _records_in_order(
     keep: np.ndarray,
     source_codes: np.ndarray,
     sources: pa.Array,
+    columns: bool = True,
 ) -> tuple[np.ndarray, tuple[pd.Series, pd.Series]]:
     """The rows ``keep`` in record order (``record_order``), and their (source,
-    source_record_id) columns of ``record_profiles``.
+    source_record_id) columns of ``record_profiles`` (with ``columns=False``, empty).
 
     Every record is sorted, then the kept ones are picked out: the order is total
     (source, observed_at, source_record_id, row), so the kept rows come out in their own
@@ -757,9 +769,10 @@ def _records_in_order(
     """
     order = _canonical_order([source_rank, observed], [record_ids])
     rows = order[keep[order]]
+    listed = rows if columns else rows[:0]
     return rows, (
-        _str_series(_repeat_runs(sources, source_codes[rows])),
-        _str_series(record_ids.take(pa.array(rows, type=pa.int64()))),
+        _str_series(_repeat_runs(sources, source_codes[listed])),
+        _str_series(record_ids.take(pa.array(listed, type=pa.int64()))),
     )
 
 

@@ -644,16 +644,14 @@ class ProfileStore:
         del keys, rkeys, times, winners, deleted, all_okeys
         _give_back_memory()  # the key pass's buffers
         tick = report.lap("current_state", tick)
-        result = resolve_identities(identity_input, self.limits)
+        # Records are joined to profiles by position below: no record_profiles table.
+        result = resolve_identities(identity_input, self.limits, record_profiles=False)
         tick = report.lap("resolve_identities", tick)
         clusters = raw_clusters(result)
         lookup = _ProfileLookup(clusters, _sizes(result))
         # Each record's profile id, dictionary-encoded: 9M ids, 1M distinct.
         cluster_of, profile_of, rp_row = _assignment(len(identity_input), result, clusters)
         del identity_input
-        # Each shard rebuilds its slice of record_profiles from its own rows (below): the
-        # whole table (a row per record) need not stay in memory through the shards.
-        result.record_profiles = result.record_profiles.head(0)
         result.record_rows = result.record_ranks = None
         _give_back_memory()
         identity = result.identity_map
@@ -667,8 +665,23 @@ class ProfileStore:
         # this one reads the live rows. They stay in memory until their shard is written:
         # low-cardinality text (sources, kinds, names, cities...) is kept dictionary-
         # encoded, about half the bytes, and each shard's gather moves small integers.
+        previous = self.current_path()
+        path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
+        _create(path)
+        base = StoreBaseWriter(base_directory(path))
+
+        def plan() -> tuple:
+            """The shards, then the records' key arrays by key and by cluster: the base's
+            rows will be the tombstones, then the live records in placement order."""
+            planned = _plan_shards(cluster_of, okeys, self.shard_rows, identity_cluster)
+            placement = planned[1]
+            base.records.give_index("rkey", np.concatenate([dead_keys, live_keys[placement]]))
+            tombstones = np.full(len(dead_keys), NO_CLUSTER, dtype=np.int64)
+            base.records.give_index("cluster", np.concatenate([tombstones, cluster_of[placement]]))
+            return planned
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-store-plan") as planner:
-            planned = planner.submit(_plan_shards, cluster_of, okeys, self.shard_rows, identity_cluster)
+            planned = planner.submit(plan)
             live, dead = read_live_and_dead(live_rows, dead_rows)
             del live_rows, dead_rows
             _give_back_memory()
@@ -679,10 +692,6 @@ class ProfileStore:
         report.largest_component = int(result.components["size"].max()) if len(result.components) else 0
         tick = report.lap("clusters", tick)
 
-        previous = self.current_path()
-        path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
-        _create(path)
-        base = StoreBaseWriter(base_directory(path))
         conn, cur = self._connect(path)
         try:
             # A new file no reader knows yet: no journal while it is filled (if the run dies,
@@ -983,9 +992,9 @@ def _add_to_base(writer: BaseTableWriter, table: pa.Table, meta: dict) -> None:
 
 
 def _close_base(base: StoreBaseWriter, profile_schema: pa.Schema) -> None:
-    """The last of a rebuild's writes: the shards' memory is gone, so the records' key
-    arrays are sorted two at a time."""
-    base.records.close(threads=2)
+    """The last of a rebuild's writes (the records' key arrays by key and cluster were given
+    while the live rows were read)."""
+    base.records.close()
     base.profiles.close(profile_schema)
 
 

@@ -80,6 +80,8 @@ class BaseTableWriter:
         self.directory, self.name, self.indexes, self.schema = directory, name, indexes, schema
         self._sink = self._writer = None
         self._keys: dict[str, list[np.ndarray]] = {index: [] for index in indexes}
+        self._given: dict[str, int] = {}  # index -> rows it covers, for indexes given up front
+        self._rows = 0
 
     def add(self, rows: pa.Table) -> None:
         if self.schema is None:
@@ -89,8 +91,17 @@ class BaseTableWriter:
             self._sink = pa.OSFile(str(self.directory / f"{self.name}.arrow"), "wb")
             self._writer = pa.ipc.new_file(self._sink, self.schema)
         self._writer.write_table(rows)
+        self._rows += rows.num_rows
         for index in self.indexes:
-            self._keys[index].append(rows.column(index).fill_null(NO_CLUSTER).to_numpy())
+            if index not in self._given:
+                self._keys[index].append(rows.column(index).fill_null(NO_CLUSTER).to_numpy())
+
+    def give_index(self, index: str, keys: np.ndarray) -> None:
+        """Sort and save an index now, from ``keys``: the column's value in every row the
+        table will hold, in order (a rebuild knows them before writing a row, and sorts
+        them while other work waits on reading)."""
+        self._given[index] = len(keys)
+        self._save(index, np.asarray(keys, dtype=np.int64))
 
     def close(self, schema: Optional[pa.Schema] = None, threads: int = 1) -> None:
         """Finish the files; ``schema``: the table's, if no rows were added; ``threads``:
@@ -100,13 +111,20 @@ class BaseTableWriter:
             self.add((self.schema or schema).empty_table())
         self._writer.close()
         self._sink.close()
+        for index, covered in self._given.items():
+            if covered != self._rows:
+                raise ValueError(f"the {self.name} index {index} was given for {covered} rows; {self._rows} were written")
+        pending = [index for index in self.indexes if index not in self._given]
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="base-index") as pool:
-            for done in [pool.submit(self._save_index, index) for index in self.indexes]:
+            for done in [pool.submit(self._save_index, index) for index in pending]:
                 done.result()
 
     def _save_index(self, index: str) -> None:
         keys = np.concatenate(self._keys[index])
         self._keys[index] = []
+        self._save(index, keys)
+
+    def _save(self, index: str, keys: np.ndarray) -> None:
         rows = np.arange(len(keys), dtype=np.int64)
         if index in _SPARSE:
             rows = rows[keys != NO_CLUSTER]

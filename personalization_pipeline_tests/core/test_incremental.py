@@ -373,3 +373,10 @@ def test_identity_result_lines_records_and_profiles_up_by_position():
     assert len(result.record_rows) == len(result.record_ranks) == len(rp) == 4
     assert frame["source_record_id"].iloc[result.record_rows].tolist() == rp["source_record_id"].tolist()
     assert result.components["profile_id"].iloc[result.record_ranks].tolist() == rp["profile_id"].tolist()
+    # Without the record_profiles table (the store's rebuild): the same positions, the rest equal.
+    lean = resolve_identities(frame, IdentityLimits(), record_profiles=False)
+    assert lean.record_profiles.empty and list(lean.record_profiles.columns) == list(rp.columns)
+    assert lean.record_rows.tolist() == result.record_rows.tolist()
+    assert lean.record_ranks.tolist() == result.record_ranks.tolist()
+    pd.testing.assert_frame_equal(lean.identity_map, result.identity_map)
+    pd.testing.assert_frame_equal(lean.components, result.components)
