@@ -661,16 +661,16 @@ class ProfileStore:
             if map_ranks is not None
             else lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
         )
-        # The shards are planned on a second thread (numpy's sorts release the GIL) while
-        # this one reads the live rows. They stay in memory until their shard is written:
-        # low-cardinality text (sources, kinds, names, cities...) is kept dictionary-
-        # encoded, about half the bytes, and each shard's gather moves small integers.
         previous = self.current_path()
         path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
         _create(path)
         base = StoreBaseWriter(base_directory(path))
 
-        def plan() -> tuple:
+        # The shards are planned on a second thread (numpy's sorts release the GIL) while
+        # this one reads the live rows. They stay in memory until their shard is written:
+        # low-cardinality text (sources, kinds, names, cities...) is kept dictionary-
+        # encoded, about half the bytes, and each shard's gather moves small integers.
+        def plan_and_index() -> tuple:
             """The shards, then the records' key arrays by key and by cluster: the base's
             rows will be the tombstones, then the live records in placement order."""
             planned = _plan_shards(cluster_of, okeys, self.shard_rows, identity_cluster)
@@ -681,7 +681,7 @@ class ProfileStore:
             return planned
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-store-plan") as planner:
-            planned = planner.submit(plan)
+            planned = planner.submit(plan_and_index)
             live, dead = read_live_and_dead(live_rows, dead_rows)
             del live_rows, dead_rows
             _give_back_memory()
