@@ -70,7 +70,7 @@ def profile_columns(rules: ConflictRules) -> list[str]:
 
 def build_profiles(
     current: pd.DataFrame,
-    record_profiles: pd.DataFrame,
+    record_profiles: pd.DataFrame | None,
     rules: ConflictRules,
     identity_map: pd.DataFrame | None = None,
     assignment: tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray | None] | None = None,

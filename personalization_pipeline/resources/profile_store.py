@@ -656,11 +656,7 @@ class ProfileStore:
         _give_back_memory()
         identity = result.identity_map
         map_ranks = _map_ranks(result)  # each identity map row's profile, as a row of components
-        identity_cluster = (
-            clusters.to_numpy(np.int64)[map_ranks]
-            if map_ranks is not None
-            else lookup.cluster(pa.array(identity["profile_id"], pa.string(), from_pandas=True))
-        )
+        identity_cluster = clusters.to_numpy(np.int64)[map_ranks]
         previous = self.current_path()
         path = self.directory / f"profiles-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.sqlite"
         _create(path)
@@ -747,28 +743,19 @@ class ProfileStore:
                         "okey": okeys[rows],
                     }
                     if shard < 0 or not len(rows):
-                        return rows, table, meta, None, None, None
+                        return rows, table, meta, None, None
                     frame = table.to_pandas(types_mapper=mapper)
                     # The shard's records with a profile, in record_profiles' order.
                     assigned = rp_row[rows]
                     local = np.flatnonzero(assigned >= 0)
                     local = local[np.argsort(assigned[local])]
                     identity_rows = identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]
-                    if codes is not None:
-                        return rows, table, meta, frame, None, codes.for_shard(rows, local, identity_rows)
-                    shard_rp = pd.DataFrame(
-                        {
-                            "source": frame["source"].iloc[local].reset_index(drop=True),
-                            "source_record_id": frame["source_record_id"].iloc[local].reset_index(drop=True),
-                            "profile_id": _str_column(meta["profile_id"].take(pa.array(local))),
-                        }
-                    )
-                    return rows, table, meta, frame, shard_rp, None
+                    return rows, table, meta, frame, codes.for_shard(rows, local, identity_rows)
 
-                codes = _ShardCodes(profile_of, map_ranks) if map_ranks is not None else None
+                codes = _ShardCodes(profile_of, map_ranks)
                 upcoming = fetcher.submit(gather, -1)
                 for shard in range(-1, plan.count):  # -1: records with no usable identifier
-                    rows, table, meta, frame, shard_rp, assignment = upcoming.result()
+                    rows, table, meta, frame, assignment = upcoming.result()
                     if shard + 1 < plan.count:
                         upcoming = fetcher.submit(gather, shard + 1)
                     write(_add_to_base, base.records, table, meta)
@@ -777,9 +764,9 @@ class ProfileStore:
                         continue
                     shard_identity = identity.iloc[identity_order[identity_bounds[shard] : identity_bounds[shard + 1]]]
                     profiles, provenance = build_profiles(
-                        frame, shard_rp, self.rules, identity_map=shard_identity, assignment=assignment
+                        frame, None, self.rules, identity_map=shard_identity, assignment=assignment
                     )
-                    del frame, shard_rp, assignment
+                    del frame, assignment
                     if not samples:
                         write(_create_output_tables, cur, profiles, provenance, lookup, self.rules.attributes)
                     outputs.append(
@@ -1341,10 +1328,6 @@ def _positions_of_ids(wanted: pa.ChunkedArray | pa.Array, ids: pa.ChunkedArray |
     return np.searchsorted(id_numbers, wanted_numbers).astype(np.int64)
 
 
-def _str_column(array: pa.Array | pa.ChunkedArray) -> pd.Series:
-    return pd.Series(pd.array(array, dtype="str"))
-
-
 def _sizes(result: IdentityResult) -> pd.Series:
     """profile_id -> identifier count of its identity component."""
     components = result.components
@@ -1603,11 +1586,8 @@ def _live_base_rows(cur, base: BaseTable, rows: np.ndarray) -> np.ndarray:
 
 
 def _with_base(overlay: pa.Table, base: BaseTable, rows: np.ndarray) -> pa.Table:
-    """Overlay rows (as the driver typed them) and base rows, as one ``STORE_SCHEMA`` table."""
-    overlay = overlay.select(STORE_SCHEMA.names).cast(STORE_SCHEMA) if overlay.num_rows else STORE_SCHEMA.empty_table()
-    if not len(rows):
-        return overlay
-    return pa.concat_tables([overlay, base.take(rows)]).combine_chunks()
+    """Overlay records and the base's records at ``rows``, as one ``STORE_SCHEMA`` table."""
+    return _overlay_and_base(overlay, base.take(rows)).combine_chunks()
 
 
 def _assignments(cur, path: Path) -> pd.DataFrame:
@@ -1683,16 +1663,16 @@ class _ProfileLookup:
         return self.size_values[at]
 
 
-def _map_ranks(result: IdentityResult) -> Optional[np.ndarray]:
+def _map_ranks(result: IdentityResult) -> np.ndarray:
     """Each identity map row's profile as its row of ``result.components``: both are sorted
     by profile id and a profile has ``size`` identifiers, so the rows line up by counting
-    (checked; None if they do not)."""
+    (checked: ``resolve_identities`` promises it)."""
     ranks = np.repeat(np.arange(len(result.components)), result.components["size"].to_numpy(np.int64))
     listed = pa.array(result.identity_map["profile_id"], pa.string(), from_pandas=True)
-    if len(ranks) != len(listed):
-        return None
     ids = pa.array(result.components["profile_id"], pa.string(), from_pandas=True)
-    return ranks if pc.all(pc.equal(ids.take(pa.array(ranks)), listed)).as_py() else None
+    if len(ranks) != len(listed) or not pc.all(pc.equal(ids.take(pa.array(ranks)), listed)).as_py():
+        raise StoreError("the identity map and its components do not line up; please report this")
+    return ranks
 
 
 def _plan_shards(
